@@ -1,0 +1,158 @@
+"""The app factory and the server runner.
+
+`create_app(components)` wires already-started components into a FastAPI app. Startup phases run
+*before* the ASGI server binds its port (see `serve`), so a failed startup prints one line and
+exits with nothing served: there is no window in which the port is open without a supervisor.
+
+Shutdown on SIGTERM/SIGINT (`ParleyServer`): readiness turns 503 at once and new messages get
+`error unavailable`; running runs get `SHUTDOWN_GRACE_S` to finish and are then cancelled with
+`agent_cancelled` reason `server_shutdown`; queued frames are flushed and every socket closes
+with 1001; then uvicorn stops and the components close in reverse order. A second signal
+skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from parley import __version__
+from parley.api import build_router
+from parley.health import Readiness, ServingState
+from parley.observability import get_logger
+from parley.startup import Components
+
+log = get_logger(__name__)
+
+WATCHDOG_INTERVAL_S = 5.0
+ORPHAN_SWEEP_EVERY = 12  # watchdog ticks (one minute)
+
+
+def create_app(components: Components, state: ServingState | None = None) -> FastAPI:
+    """The ASGI app over started components; `state` is shared with the signal handler."""
+    state = state if state is not None else ServingState()
+    readiness = Readiness(components, state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        watchdog = asyncio.create_task(_watchdog(components), name="supervisor-watchdog")
+        try:
+            yield
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            await drain(components, state)
+
+    app = FastAPI(
+        title="Parley",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        is_ready, detail = await readiness.check()
+        body = {"status": "ready" if is_ready else "not_ready", "components": detail}
+        return JSONResponse(body, status_code=200 if is_ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(components.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.websocket("/ws")
+    async def websocket(ws: WebSocket) -> None:
+        await components.transport.handle(ws)
+
+    app.include_router(
+        build_router(authenticator=components.transport.authenticator, db=components.db)
+    )
+    return app
+
+
+async def drain(components: Components, state: ServingState) -> None:
+    """Idempotent graceful stop of the serving parts (not of the components themselves)."""
+    if state.draining:
+        return
+    state.draining = True
+    log.info("shutdown.draining", runs=components.supervisor.active_runs)
+    await components.supervisor.drain(components.settings.shutdown_grace_s)
+    await components.transport.close_all()
+    log.info("shutdown.drained")
+
+
+async def _watchdog(components: Components) -> None:
+    """Logs and exports when the supervisor stops accepting work; sweeps orphaned runs."""
+    healthy = True
+    tick = 0
+    while True:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        tick += 1
+        writer_alive = all(not task.done() for task in components.tasks)
+        now_healthy = components.supervisor.accepting and writer_alive
+        components.metrics.supervisor_accepting.set(1 if now_healthy else 0)
+        if now_healthy != healthy:
+            healthy = now_healthy
+            if healthy:
+                log.info("watchdog.supervisor_recovered")
+            else:
+                log.error(
+                    "watchdog.supervisor_not_accepting",
+                    writer_alive=writer_alive,
+                    accepting=components.supervisor.accepting,
+                )
+        if tick % ORPHAN_SWEEP_EVERY == 0:
+            try:
+                await components.supervisor.recover_orphans(all_running=False)
+            except Exception:
+                log.exception("watchdog.orphan_sweep_failed")
+
+
+class ParleyServer(uvicorn.Server):
+    """uvicorn's server with Parley's drain between the signal and uvicorn's own shutdown."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._draining: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after serving, and the
+        # process would die of the signal instead of exiting 0 after a clean shutdown.
+        if self._draining is not None or self._loop is None:
+            self.should_exit = True
+            self.force_exit = self._draining is not None
+            return
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("shutdown.drain_failed")
+        finally:
+            self.should_exit = True

@@ -1,0 +1,209 @@
+"""The LLM manager: builds the configured provider's model, guards it with a circuit breaker,
+classifies provider failures, and answers readiness.
+
+Every provider goes through pydantic-ai's model classes; `GuardedModel` wraps the model (the
+shape of pydantic-ai's own `FallbackModel`) so the circuit breaker sees every request, streamed
+or not, without living inside the client. When the circuit is open a request fails at once with
+`LLMUnavailable`, so runs end within milliseconds instead of waiting on a dead provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from openai import AsyncOpenAI
+from pydantic_ai.direct import model_request
+from pydantic_ai.exceptions import (
+    ModelAPIError,
+    ModelConnectionError,
+    ModelHTTPError,
+    ModelRateLimitError,
+    ModelRequestRejectedError,
+    ModelRequestTimeout,
+    ModelServerError,
+    ModelUnavailableError,
+)
+from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse
+from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.models.wrapper import WrapperModel
+from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.tools import RunContext
+
+from parley.circuit import CircuitBreaker, CircuitOpenError, CircuitState
+from parley.errors import LLMError, LLMUnavailable, ParleyError
+from parley.observability import Metrics
+
+_OUTAGES = (
+    ModelConnectionError,
+    ModelServerError,
+    ModelUnavailableError,
+    ModelRateLimitError,
+    ModelRequestTimeout,
+    httpx.TransportError,
+    TimeoutError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Failures that say the provider is down or overloaded (they open the circuit)."""
+    if isinstance(exc, _OUTAGES):
+        return True
+    return isinstance(exc, ModelHTTPError) and (exc.status_code >= 500 or exc.status_code == 429)
+
+
+def classify_llm_error(exc: BaseException) -> ParleyError | None:
+    """The protocol error for a provider failure, or None when `exc` is not one."""
+    if isinstance(exc, ParleyError):
+        return exc
+    if isinstance(exc, CircuitOpenError):
+        return LLMUnavailable(f"language model unavailable: {exc}")
+    if is_outage(exc):
+        return LLMUnavailable(f"language model unavailable: {_brief(exc)}")
+    if isinstance(exc, ModelRequestRejectedError | ModelAPIError):
+        return LLMError(f"language model refused the request: {_brief(exc)}")
+    return None
+
+
+def _brief(exc: BaseException) -> str:
+    if isinstance(exc, ModelHTTPError):
+        return f"HTTP {exc.status_code} from {exc.model_name}"
+    return type(exc).__name__ + (f": {exc}" if str(exc) else "")
+
+
+class GuardedModel(WrapperModel):
+    """Wraps a model with a circuit breaker and latency/failure metrics."""
+
+    def __init__(self, wrapped: Model, breaker: CircuitBreaker, metrics: Metrics) -> None:
+        super().__init__(wrapped)
+        self.breaker = breaker
+        self._metrics = metrics
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        async with self._guard():
+            return await self.wrapped.request(messages, model_settings, model_request_parameters)
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[Any] | None = None,
+    ) -> AsyncIterator[StreamedResponse]:
+        async with (
+            self._guard(),
+            self.wrapped.request_stream(
+                messages, model_settings, model_request_parameters, run_context
+            ) as stream,
+        ):
+            yield stream
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        try:
+            self.breaker.before_call()
+        except CircuitOpenError as exc:
+            self._metrics.llm_failures.labels(kind="circuit_open").inc()
+            raise LLMUnavailable(f"language model unavailable: {exc}") from None
+        started = time.perf_counter()
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.breaker.release()
+            raise
+        except BaseException as exc:
+            if is_outage(exc):
+                self.breaker.record_failure()
+                self._metrics.llm_failures.labels(kind=type(exc).__name__).inc()
+            else:
+                self.breaker.release()
+            raise
+        else:
+            self.breaker.record_success()
+        finally:
+            self._metrics.llm_seconds.observe(time.perf_counter() - started)
+
+
+@dataclass
+class LLMManager:
+    """The configured language model, ready for agents, with its readiness and a probe."""
+
+    provider: str
+    model_name: str
+    model: GuardedModel
+    http_client: httpx.AsyncClient
+
+    @property
+    def display_name(self) -> str:
+        return f"{self.provider}:{self.model_name}"
+
+    def readiness(self) -> dict[str, Any]:
+        state = self.model.breaker.state
+        status = {
+            CircuitState.CLOSED: "ok",
+            CircuitState.HALF_OPEN: "degraded",
+            CircuitState.OPEN: "down",
+        }[state]
+        return {
+            "status": status,
+            "provider": self.provider,
+            "model": self.model_name,
+            "circuit": str(state),
+        }
+
+    async def probe(self) -> str:
+        """One small real request; returns the model's text. Raises on any failure."""
+        response = await model_request(
+            self.model,
+            [ModelRequest.user_text_prompt("Reply with the single word: ready")],
+            model_settings={"max_tokens": 8, "temperature": 0.0},
+        )
+        return response.text or ""
+
+    async def close(self) -> None:
+        await self.http_client.aclose()
+
+
+def openai_compatible_manager(
+    *,
+    provider: str,
+    model_name: str,
+    base_url: str | None,
+    api_key: str | None,
+    timeout_s: float,
+    max_retries: int,
+    breaker: CircuitBreaker,
+    metrics: Metrics,
+) -> LLMManager:
+    """A manager for any OpenAI-compatible endpoint (OpenAI itself, vLLM, llama.cpp's server)."""
+    http_client = httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    )
+    client = AsyncOpenAI(
+        base_url=base_url,
+        # Local endpoints take no key, but the SDK insists on one.
+        api_key=api_key or "not-needed",
+        max_retries=max_retries,
+        http_client=http_client,
+    )
+    model = OpenAIChatModel(model_name, provider=OpenAIProvider(openai_client=client))
+    return LLMManager(
+        provider=provider,
+        model_name=model_name,
+        model=GuardedModel(model, breaker, metrics),
+        http_client=http_client,
+    )

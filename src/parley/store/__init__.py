@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models, queries, the event log and migrations."""

@@ -1,0 +1,218 @@
+"""Store functions: keyword-only arguments, one session in, rows out. They know nothing of HTTP
+or WebSockets, and every read of user data is scoped by `user_id`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from parley.store.models import Event, Message, Run, Thread, User, utcnow
+
+THREAD_TITLE_CHARS = 80
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def ensure_user(session: AsyncSession, *, user_id: str) -> None:
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(User).values(id=user_id, created_at=utcnow()).on_conflict_do_nothing()
+    await session.execute(statement)
+
+
+async def create_thread(session: AsyncSession, *, user_id: str, title: str) -> Thread:
+    now = utcnow()
+    thread = Thread(
+        id=new_id(),
+        user_id=user_id,
+        title=title[:THREAD_TITLE_CHARS],
+        last_seq=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(thread)
+    # No ORM relationships are declared, so the unit of work does not know to insert the
+    # thread before rows that reference it: flush it now.
+    await session.flush()
+    return thread
+
+
+async def get_thread(session: AsyncSession, *, user_id: str, thread_id: str) -> Thread | None:
+    thread = await session.get(Thread, thread_id)
+    if thread is None or thread.user_id != user_id:
+        return None
+    return thread
+
+
+async def list_threads(
+    session: AsyncSession, *, user_id: str, limit: int = 100
+) -> Sequence[Thread]:
+    statement = (
+        select(Thread)
+        .where(Thread.user_id == user_id)
+        .order_by(Thread.updated_at.desc())
+        .limit(limit)
+    )
+    return (await session.scalars(statement)).all()
+
+
+async def touch_thread(session: AsyncSession, *, thread_id: str) -> None:
+    await session.execute(update(Thread).where(Thread.id == thread_id).values(updated_at=utcnow()))
+
+
+async def find_by_client_id(
+    session: AsyncSession, *, user_id: str, client_message_id: str
+) -> Message | None:
+    statement = select(Message).where(
+        Message.user_id == user_id, Message.client_message_id == client_message_id
+    )
+    return (await session.scalars(statement)).first()
+
+
+async def add_message(
+    session: AsyncSession,
+    *,
+    thread_id: str,
+    user_id: str,
+    role: str,
+    content: str,
+    run_id: str | None,
+    client_message_id: str | None = None,
+    message_id: str | None = None,
+) -> Message:
+    message = Message(
+        id=message_id or new_id(),
+        thread_id=thread_id,
+        user_id=user_id,
+        role=role,
+        content=content,
+        client_message_id=client_message_id,
+        run_id=run_id,
+        created_at=utcnow(),
+    )
+    session.add(message)
+    return message
+
+
+async def list_messages(
+    session: AsyncSession, *, thread_id: str, limit: int | None = None, newest_first: bool = False
+) -> Sequence[Message]:
+    order = Message.created_at.desc() if newest_first else Message.created_at.asc()
+    statement = select(Message).where(Message.thread_id == thread_id).order_by(order)
+    if limit is not None:
+        statement = statement.limit(limit)
+    return (await session.scalars(statement)).all()
+
+
+async def search_messages(
+    session: AsyncSession, *, user_id: str, query: str, limit: int = 10
+) -> Sequence[Message]:
+    pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    statement = (
+        select(Message)
+        .where(
+            Message.user_id == user_id,
+            Message.role == "user",
+            Message.content.ilike(pattern, escape="\\"),
+        )
+        .order_by(Message.created_at.desc())
+        .limit(limit)
+    )
+    return (await session.scalars(statement)).all()
+
+
+async def create_run(
+    session: AsyncSession,
+    *,
+    run_id: str,
+    thread_id: str,
+    user_id: str,
+    message_id: str,
+    agent: str,
+    instance_id: str,
+) -> Run:
+    run = Run(
+        id=run_id,
+        thread_id=thread_id,
+        user_id=user_id,
+        message_id=message_id,
+        agent=agent,
+        status="running",
+        input_tokens=0,
+        output_tokens=0,
+        instance_id=instance_id,
+        started_at=utcnow(),
+    )
+    session.add(run)
+    return run
+
+
+async def get_run(session: AsyncSession, *, user_id: str, run_id: str) -> Run | None:
+    run = await session.get(Run, run_id)
+    if run is None or run.user_id != user_id:
+        return None
+    return run
+
+
+async def finish_run(
+    session: AsyncSession,
+    *,
+    run_id: str,
+    status: str,
+    error_code: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+) -> None:
+    await session.execute(
+        update(Run)
+        .where(Run.id == run_id)
+        .values(
+            status=status,
+            error_code=error_code,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            ended_at=utcnow(),
+        )
+    )
+
+
+async def running_runs(
+    session: AsyncSession, *, started_before: datetime | None = None
+) -> Sequence[Run]:
+    statement = select(Run).where(Run.status == "running")
+    if started_before is not None:
+        statement = statement.where(Run.started_at < started_before)
+    return (await session.scalars(statement)).all()
+
+
+async def events_after(
+    session: AsyncSession, *, thread_id: str, after_seq: int, limit: int = 500
+) -> Sequence[Event]:
+    statement = (
+        select(Event)
+        .where(Event.thread_id == thread_id, Event.seq > after_seq)
+        .order_by(Event.seq)
+        .limit(limit)
+    )
+    return (await session.scalars(statement)).all()
+
+
+async def reserve_seqs(session: AsyncSession, *, thread_id: str, count: int) -> int:
+    """Take `count` consecutive seqs of a thread; returns the last. Row-locks the thread."""
+    statement = (
+        update(Thread)
+        .where(Thread.id == thread_id)
+        .values(last_seq=Thread.last_seq + count)
+        .returning(Thread.last_seq)
+    )
+    last = (await session.execute(statement)).scalar_one()
+    return int(last)

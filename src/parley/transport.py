@@ -1,0 +1,396 @@
+"""The WebSocket endpoint `/ws`: handshake and authentication, heartbeat, frame limits,
+parsing, and delivery through a bounded per-connection send queue.
+
+Invariants:
+- nothing but `error unauthorized` is sent before authentication succeeds;
+- one slow client never stalls a run or other clients: events are only *enqueued* for a
+  connection; a connection whose queue overflows is closed (1013) and can `resume`;
+- on one connection each run event is sent at most once and in `seq` order per thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from parley import __version__
+from parley.auth import Authenticator
+from parley.bus import Delivery, EventBus
+from parley.errors import NotFound, ParleyError
+from parley.observability import Metrics, get_logger
+from parley.protocol import (
+    PROTOCOL_VERSION,
+    ErrorFrame,
+    MessageAccepted,
+    Ping,
+    PingFrame,
+    Pong,
+    PongFrame,
+    ProtocolViolation,
+    Resume,
+    ResumeComplete,
+    StopAgent,
+    SystemMessage,
+    UserMessage,
+    parse_client_message,
+)
+from parley.store import queries
+from parley.store.db import Database
+from parley.supervisor import Accepted, Supervisor
+
+log = get_logger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_LARGE = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_AGAIN_LATER = 1013  # the client fell too far behind; see docs/protocol.md
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_ORIGIN = 4403
+CLOSE_HEARTBEAT = 4408
+CLOSE_TOO_MANY = 4429
+_REPLAY_PAGE = 500
+_BEARER_PREFIX = "bearer."
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    heartbeat_interval_s: float
+    max_message_bytes: int
+    max_connections_per_user: int
+    send_queue_size: int
+    allowed_origins: frozenset[str]
+    model_label: str
+
+
+@dataclass(frozen=True)
+class _Close:
+    code: int
+    reason: str
+
+
+@dataclass
+class _Cursor:
+    """What this connection has sent of one thread: the highest seq, and where live delivery
+    began if it began before any `resume` (those seqs are skipped by a later replay)."""
+
+    last: int
+    first_live: int | None = None
+
+
+@dataclass(eq=False)  # identity hashing: connections live in a set
+class _Connection:
+    id: str
+    user_id: str
+    ws: WebSocket
+    queue: asyncio.Queue[str | _Close]
+    last_received: float = field(default_factory=time.monotonic)
+    cursors: dict[str, _Cursor] = field(default_factory=dict)
+    replaying: dict[str, list[Delivery]] = field(default_factory=dict)
+    overflow: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False
+
+    def enqueue(self, frame: str | _Close) -> None:
+        if self.closing:
+            return
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.closing = True
+            self.overflow.set()
+        if isinstance(frame, _Close):
+            self.closing = True
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Bus sink: runs on the event loop for every event of this user."""
+        buffer = self.replaying.get(delivery.thread_id)
+        if buffer is not None:
+            buffer.append(delivery)
+            return
+        cursor = self.cursors.get(delivery.thread_id)
+        if cursor is None:
+            self.cursors[delivery.thread_id] = _Cursor(last=delivery.seq, first_live=delivery.seq)
+        elif delivery.seq <= cursor.last:
+            return
+        else:
+            cursor.last = delivery.seq
+        self.enqueue(delivery.frame)
+
+
+class Transport:
+    def __init__(
+        self,
+        *,
+        config: TransportConfig,
+        authenticator: Authenticator,
+        supervisor: Supervisor,
+        bus: EventBus,
+        db: Database,
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._auth = authenticator
+        self._supervisor = supervisor
+        self._bus = bus
+        self._db = db
+        self._metrics = metrics
+        self._per_user: dict[str, int] = {}
+        self._connections: set[_Connection] = set()
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self._auth
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # ------------------------------------------------------------------ handshake
+
+    async def handle(self, ws: WebSocket) -> None:
+        origin = ws.headers.get("origin")
+        offered = [p.strip() for p in ws.scope.get("subprotocols", [])]
+        subprotocol = PROTOCOL_VERSION if PROTOCOL_VERSION in offered else None
+        if self._config.allowed_origins and origin and origin not in self._config.allowed_origins:
+            await ws.accept(subprotocol=subprotocol)
+            await ws.close(CLOSE_ORIGIN, "origin not allowed")
+            return
+        token = _bearer_token(ws.headers.get("authorization"), offered)
+        await ws.accept(subprotocol=subprotocol)
+        try:
+            if token is None:
+                raise ParleyError("no bearer token", code="unauthorized")
+            identity = await self._auth.authenticate(token)
+        except ParleyError as exc:
+            await ws.send_text(ErrorFrame(code="unauthorized", message=exc.message).to_json())
+            await ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
+            return
+        user_id = identity.user_id
+        if self._per_user.get(user_id, 0) >= self._config.max_connections_per_user:
+            await ws.close(CLOSE_TOO_MANY, "too many connections for this user")
+            return
+        connection = _Connection(
+            id=str(uuid.uuid4()),
+            user_id=user_id,
+            ws=ws,
+            queue=asyncio.Queue(self._config.send_queue_size),
+        )
+        self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
+        self._connections.add(connection)
+        self._metrics.connections.set(len(self._connections))
+        try:
+            await self._serve(connection)
+        finally:
+            self._connections.discard(connection)
+            left = self._per_user.get(user_id, 1) - 1
+            if left > 0:
+                self._per_user[user_id] = left
+            else:
+                self._per_user.pop(user_id, None)
+            self._metrics.connections.set(len(self._connections))
+
+    async def _serve(self, connection: _Connection) -> None:
+        connection.enqueue(
+            SystemMessage(
+                connection_id=connection.id,
+                user_id=connection.user_id,
+                server_version=__version__,
+                heartbeat_interval_s=self._config.heartbeat_interval_s,
+                model=self._config.model_label,
+            ).to_json()
+        )
+        subscription = await self._bus.subscribe(connection.user_id, connection.deliver)
+        try:
+            tasks = [
+                asyncio.create_task(self._receive(connection)),
+                asyncio.create_task(self._send(connection)),
+                asyncio.create_task(self._heartbeat(connection)),
+                asyncio.create_task(connection.overflow.wait()),
+            ]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if connection.overflow.is_set():
+                self._metrics.send_queue_overflows.inc()
+                log.warning("transport.send_queue_overflow", connection_id=connection.id)
+                await _close(connection.ws, CLOSE_TRY_AGAIN_LATER, "client too slow; resume")
+        finally:
+            await subscription.close()
+
+    # ------------------------------------------------------------------ the three loops
+
+    async def _send(self, connection: _Connection) -> None:
+        while True:
+            item = await connection.queue.get()
+            if isinstance(item, _Close):
+                await _close(connection.ws, item.code, item.reason)
+                return
+            try:
+                await connection.ws.send_text(item)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                return
+
+    async def _heartbeat(self, connection: _Connection) -> None:
+        interval = self._config.heartbeat_interval_s
+        # Check often enough that a silent client is closed soon after two intervals.
+        tick = max(0.05, min(1.0, interval / 4))
+        last_ping = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if now - connection.last_received > 2 * interval:
+                connection.enqueue(_Close(CLOSE_HEARTBEAT, "heartbeat timeout"))
+                return
+            if now - last_ping >= interval:
+                last_ping = now
+                connection.enqueue(PingFrame().to_json())
+
+    async def _receive(self, connection: _Connection) -> None:
+        while True:
+            try:
+                message = await connection.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            connection.last_received = time.monotonic()
+            text = message.get("text")
+            if text is None:
+                self._error(connection, "invalid_message", "binary frames are not accepted")
+                continue
+            if len(text) > self._config.max_message_bytes or (
+                len(text.encode()) > self._config.max_message_bytes
+            ):
+                limit = self._config.max_message_bytes
+                self._error(connection, "message_too_large", f"frames are limited to {limit} bytes")
+                connection.enqueue(_Close(CLOSE_TOO_LARGE, "message too large"))
+                return
+            try:
+                await self._dispatch(connection, text)
+            except ProtocolViolation as exc:
+                self._error(connection, exc.code, exc.message)
+
+    # ------------------------------------------------------------------ client messages
+
+    async def _dispatch(self, connection: _Connection, text: str) -> None:
+        message = parse_client_message(text)
+        if isinstance(message, Ping):
+            connection.enqueue(PongFrame().to_json())
+        elif isinstance(message, Pong):
+            return
+        elif isinstance(message, UserMessage):
+            await self._user_message(connection, message)
+        elif isinstance(message, StopAgent):
+            try:
+                self._supervisor.stop(connection.user_id, message.run_id)
+            except ParleyError as exc:
+                self._error(connection, exc.code, exc.message)
+        elif isinstance(message, Resume):
+            try:
+                await self._resume(connection, message)
+            except ParleyError as exc:
+                self._error(connection, exc.code, exc.message)
+
+    async def _user_message(self, connection: _Connection, message: UserMessage) -> None:
+        def accepted(result: Accepted) -> None:
+            connection.enqueue(
+                MessageAccepted(
+                    client_message_id=result.client_message_id,
+                    thread_id=result.thread_id,
+                    message_id=result.message_id,
+                    run_id=result.run_id,
+                ).to_json()
+            )
+
+        try:
+            await self._supervisor.submit(connection.user_id, message, accepted)
+        except ParleyError as exc:
+            self._error(connection, exc.code, exc.message, message.client_message_id)
+        except Exception:
+            log.exception("transport.submit_failed", user_id=connection.user_id)
+            self._error(
+                connection,
+                "unavailable",
+                "the message could not be stored; retry",
+                message.client_message_id,
+            )
+
+    async def _resume(self, connection: _Connection, message: Resume) -> None:
+        thread_id = message.thread_id
+        async with self._db.read() as session:
+            thread = await queries.get_thread(
+                session, user_id=connection.user_id, thread_id=thread_id
+            )
+        if thread is None:
+            raise NotFound(f"thread {thread_id} not found")
+        previous = connection.cursors.get(thread_id)
+        skip = (
+            (previous.first_live, previous.last)
+            if previous is not None and previous.first_live is not None
+            else None
+        )
+        connection.replaying[thread_id] = []
+        position = message.after_seq
+        try:
+            while True:
+                async with self._db.read() as session:
+                    rows = await queries.events_after(
+                        session, thread_id=thread_id, after_seq=position, limit=_REPLAY_PAGE
+                    )
+                for row in rows:
+                    position = row.seq
+                    if skip is not None and skip[0] <= row.seq <= skip[1]:
+                        continue  # already sent live on this connection
+                    await connection.queue.put(row.frame)
+                if len(rows) < _REPLAY_PAGE:
+                    break
+        finally:
+            buffered = connection.replaying.pop(thread_id)
+        for delivery in buffered:
+            if delivery.seq > position:
+                position = delivery.seq
+                connection.enqueue(delivery.frame)
+        last = max(position, previous.last if previous is not None else 0)
+        connection.cursors[thread_id] = _Cursor(last=last)
+        connection.enqueue(ResumeComplete(thread_id=thread_id, last_seq=position).to_json())
+
+    def _error(
+        self, connection: _Connection, code: str, message: str, client_message_id: str | None = None
+    ) -> None:
+        connection.enqueue(
+            ErrorFrame(code=code, message=message, client_message_id=client_message_id).to_json()
+        )
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def close_all(self, *, timeout_s: float = 5.0) -> None:
+        """Flush what each connection has queued, then close it with 1001."""
+        for connection in list(self._connections):
+            connection.enqueue(_Close(CLOSE_GOING_AWAY, "server shutting down"))
+        deadline = time.monotonic() + timeout_s
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def _bearer_token(authorization: str | None, subprotocols: list[str]) -> str | None:
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    for protocol in subprotocols:
+        if protocol.startswith(_BEARER_PREFIX) and len(protocol) > len(_BEARER_PREFIX):
+            return protocol[len(_BEARER_PREFIX) :]
+    return None
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    if ws.application_state == WebSocketState.CONNECTED:
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
+            await ws.close(code, reason)

@@ -1,0 +1,246 @@
+"""A scripted OpenAI-compatible chat-completions server on loopback, for tests.
+
+It is a real HTTP server (uvicorn in a background thread) speaking the `/v1/chat/completions`
+wire format, streamed (SSE) or not, so Parley's real client code is exercised end to end.
+
+Scripting is by content, not by shared state: a test registers a *trigger* word and a list of
+turns; any request whose latest user message contains the trigger is answered by those turns,
+the turn chosen by how many tool results follow that user message. This keeps the server
+stateless per request, so tests can share one instance and run in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass(frozen=True)
+class Text:
+    """Answer with `text`, streamed in chunks of `chunk` characters, `delay_s` apart."""
+
+    text: str
+    chunk: int = 8
+    delay_s: float = 0.0
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """Ask for one or more tool calls: `calls` is a list of (tool name, arguments)."""
+
+    calls: list[tuple[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class HttpError:
+    status: int
+    message: str = "scripted failure"
+
+
+@dataclass(frozen=True)
+class Hang:
+    """Accept the request and send nothing for `seconds` (a provider that stalls)."""
+
+    seconds: float
+
+
+Turn = Text | ToolCall | HttpError | Hang
+
+
+@dataclass
+class Script:
+    turns: list[Turn]
+
+
+@dataclass
+class FakeLLM:
+    """The server's state: scripts by trigger and a log of the requests it saw."""
+
+    scripts: dict[str, Script] = field(default_factory=dict)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+    _server: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def script(self, trigger: str, *turns: Turn) -> str:
+        """Register `turns` for messages containing `trigger`; returns the trigger."""
+        self.scripts[trigger] = Script(list(turns))
+        return trigger
+
+    def requests_with(self, trigger: str) -> list[dict[str, Any]]:
+        return [r for r in self.requests if trigger in _last_user_text(r)]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.port = _free_port()
+        config = uvicorn.Config(
+            _build_app(self), host=self.host, port=self.port, log_level="warning", lifespan="off"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake LLM server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages", [])):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _turn_index(body: dict[str, Any]) -> int:
+    """How many assistant turns already answered the latest user message."""
+    count = 0
+    for message in reversed(body.get("messages", [])):
+        role = message.get("role")
+        if role == "user":
+            break
+        if role == "assistant":
+            count += 1
+    return count
+
+
+def _choose_turn(fake: FakeLLM, body: dict[str, Any]) -> Turn:
+    text = _last_user_text(body)
+    for trigger, script in fake.scripts.items():
+        if trigger in text:
+            index = _turn_index(body)
+            return script.turns[min(index, len(script.turns) - 1)]
+    # Unscripted: a deterministic answer computed from the prompt, so tests can check it.
+    return Text(f"echo: {text}")
+
+
+def _build_app(fake: FakeLLM) -> Starlette:
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        fake.requests.append(body)
+        turn = _choose_turn(fake, body)
+        if isinstance(turn, Hang):
+            await asyncio.sleep(turn.seconds)
+            return JSONResponse({"error": {"message": "hung"}}, status_code=504)
+        if isinstance(turn, HttpError):
+            error = {"error": {"message": turn.message, "type": "server_error"}}
+            return JSONResponse(error, status_code=turn.status)
+        model = body.get("model", "fake-model")
+        if body.get("stream"):
+            return StreamingResponse(_sse(turn, model), media_type="text/event-stream")
+        return JSONResponse(_completion(turn, model))
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+        ]
+    )
+
+
+_USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+
+def _completion(turn: Text | ToolCall, model: str) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": None}
+    finish = "stop"
+    if isinstance(turn, Text):
+        message["content"] = turn.text
+    else:
+        message["tool_calls"] = [_tool_call(i, name, args) for i, (name, args) in enumerate(turn.calls)]
+        finish = "tool_calls"
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": _USAGE,
+    }
+
+
+def _tool_call(index: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "index": index,
+        "id": f"call_{uuid.uuid4().hex[:12]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(args)},
+    }
+
+
+async def _sse(turn: Text | ToolCall, model: str) -> AsyncIterator[bytes]:
+    ident = f"chatcmpl-{uuid.uuid4().hex}"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        payload = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(payload)}\n\n".encode()
+
+    yield chunk({"role": "assistant", "content": ""})
+    if isinstance(turn, Text):
+        if turn.reasoning:
+            yield chunk({"reasoning_content": turn.reasoning})
+        for start in range(0, len(turn.text), turn.chunk):
+            if turn.delay_s:
+                await asyncio.sleep(turn.delay_s)
+            yield chunk({"content": turn.text[start : start + turn.chunk]})
+        yield chunk({}, finish="stop")
+    else:
+        calls = [_tool_call(i, name, args) for i, (name, args) in enumerate(turn.calls)]
+        yield chunk({"tool_calls": calls})
+        yield chunk({}, finish="tool_calls")
+    final = {
+        "id": ident,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": _USAGE,
+    }
+    yield f"data: {json.dumps(final)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
