@@ -1,8 +1,9 @@
 """The HTTP API over a user's own data: threads, their messages and their event log.
 Authenticated by `Authorization: Bearer <jwt>`; another user's thread is a plain 404.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: FastAPI must see the real `Annotated` objects of
+the closures' parameters, which string annotations would hide.
+"""
 
 import json
 from typing import Annotated, Any

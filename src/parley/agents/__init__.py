@@ -27,14 +27,15 @@ user refers to something they said earlier. If a tool returns an error, explain 
 class AgentSpec:
     name: str
     instructions: str
-    tools: Sequence[str]
+    # The tools this agent may call; None means every registered tool.
+    tools: Sequence[str] | None = None
 
 
 DEFAULT_AGENTS = (
     AgentSpec(
         name=DEFAULT_AGENT,
         instructions=ASSISTANT_INSTRUCTIONS,
-        tools=("calculator", "current_time", "search_history"),
+        tools=None,
     ),
 )
 
@@ -51,7 +52,7 @@ class AgentRegistry:
                 deps_type=RunDeps,
                 output_type=str,
                 instructions=spec.instructions,
-                toolsets=[tools.toolset(spec.tools)],
+                toolsets=[tools.toolset(tools.names if spec.tools is None else spec.tools)],
             )
 
     @property
