@@ -27,7 +27,7 @@ import jwt
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-JWT_SECRET = "test-secret-" + "x" * 40
+JWT_SECRET = "test-secret-" + "x" * 60
 TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "SYSTEMROOT")
 

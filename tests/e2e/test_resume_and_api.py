@@ -1,0 +1,181 @@
+"""Resume after a disconnect, and the HTTP API over the same persisted data."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+
+from tests.fakes.llm_server import FakeLLM, Text
+from tests.harness import TERMINAL, ServerProcess, make_token, unique_user
+
+
+def trigger() -> str:
+    return f"T{uuid.uuid4().hex[:12]}"
+
+
+async def test_resume_after_a_disconnect_mid_run_delivers_each_missed_event_once_in_order(
+    server: ServerProcess, fake_llm: FakeLLM
+) -> None:
+    user = unique_user()
+    answer = " ".join(f"w{i}" for i in range(60))
+    t = fake_llm.script(trigger(), Text(answer, chunk=6, delay_s=0.03))
+    seen: list[dict[str, Any]] = []
+    async with server.connect(user) as client:
+        accepted = await client.ask(f"long answer {t}")
+        while len([e for e in seen if e["type"] == "agent_message_delta"]) < 3:
+            frame = await client.recv()
+            if frame.get("run_id") == accepted["run_id"]:
+                seen.append(frame)
+    # Disconnected in the middle of the run; it goes on without us.
+    last_seq = seen[-1]["seq"]
+    async with server.connect(user) as client:
+        await client.send({"type": "resume", "thread_id": accepted["thread_id"], "after_seq": last_seq})
+        rest: list[dict[str, Any]] = []
+        complete: dict[str, Any] | None = None
+        while complete is None or not any(e["type"] in TERMINAL for e in rest):
+            frame = await client.recv()
+            if frame["type"] == "resume_complete":
+                complete = frame
+            elif frame.get("run_id") == accepted["run_id"]:
+                rest.append(frame)
+    everything = seen + rest
+    assert [e["seq"] for e in everything] == list(range(1, len(everything) + 1))
+    assert everything[-1]["type"] == "agent_completed"
+    deltas = "".join(e["text"] for e in everything if e["type"] == "agent_message_delta")
+    assert deltas == everything[-1]["content"] == answer
+    assert complete["thread_id"] == accepted["thread_id"]
+    assert complete["last_seq"] >= last_seq
+
+
+async def test_resume_of_a_finished_thread_replays_exactly_the_events_after_seq(
+    server: ServerProcess,
+) -> None:
+    user = unique_user()
+    async with server.connect(user) as client:
+        accepted = await client.ask("remember this")
+        live = await client.run_events(accepted["run_id"])
+    async with server.connect(user) as client:
+        await client.send({"type": "resume", "thread_id": accepted["thread_id"], "after_seq": 2})
+        replayed = []
+        while (frame := await client.recv())["type"] != "resume_complete":
+            replayed.append(frame)
+        await client.send({"type": "resume", "thread_id": accepted["thread_id"], "after_seq": 0})
+        full = []
+        while (frame := await client.recv())["type"] != "resume_complete":
+            full.append(frame)
+    assert replayed == live[2:]
+    assert full == live
+    assert frame["last_seq"] == live[-1]["seq"]
+
+
+async def test_resume_past_the_end_replays_nothing(server: ServerProcess) -> None:
+    user = unique_user()
+    async with server.connect(user) as client:
+        accepted = await client.ask("short")
+        live = await client.run_events(accepted["run_id"])
+        await client.send(
+            {"type": "resume", "thread_id": accepted["thread_id"], "after_seq": live[-1]["seq"]}
+        )
+        complete = await client.recv()
+    assert complete["type"] == "resume_complete"
+    assert complete["last_seq"] == live[-1]["seq"]
+
+
+async def test_live_events_sent_before_a_resume_are_not_sent_twice(
+    server: ServerProcess, fake_llm: FakeLLM
+) -> None:
+    user = unique_user()
+    t = fake_llm.script(trigger(), Text("abcdefghij" * 6, chunk=3, delay_s=0.03))
+    async with server.connect(user) as first:
+        accepted = await first.ask(f"go {t}")
+        async with server.connect(user) as second:
+            # `second` sees live events, then asks to resume from the start of the thread.
+            early = [await second.recv() for _ in range(3)]
+            await second.send(
+                {"type": "resume", "thread_id": accepted["thread_id"], "after_seq": 0}
+            )
+            later: list[dict[str, Any]] = []
+            done = False
+            while not done:
+                frame = await second.recv()
+                if frame["type"] == "resume_complete":
+                    continue
+                later.append(frame)
+                done = frame["type"] in TERMINAL
+    seqs = [e["seq"] for e in early + later]
+    assert sorted(seqs) == list(range(1, max(seqs) + 1))
+    assert len(seqs) == len(set(seqs))
+
+
+async def test_resume_of_another_users_or_unknown_thread_is_not_found(
+    server: ServerProcess,
+) -> None:
+    async with server.connect(unique_user()) as owner:
+        accepted = await owner.ask("mine")
+        await owner.run_events(accepted["run_id"])
+    async with server.connect(unique_user()) as intruder:
+        await intruder.send({"type": "resume", "thread_id": accepted["thread_id"], "after_seq": 0})
+        foreign = await intruder.recv()
+        await intruder.send({"type": "resume", "thread_id": str(uuid.uuid4()), "after_seq": 0})
+        unknown = await intruder.recv()
+    assert foreign["type"] == unknown["type"] == "error"
+    assert foreign["code"] == unknown["code"] == "not_found"
+
+
+async def test_http_api_lists_own_threads_messages_and_events(server: ServerProcess) -> None:
+    user = unique_user()
+    async with server.connect(user) as client:
+        accepted = await client.ask("hello api")
+        live = await client.run_events(accepted["run_id"])
+    headers = {"Authorization": f"Bearer {make_token(user)}"}
+    async with httpx.AsyncClient(base_url=server.http, headers=headers) as http:
+        threads = (await http.get("/api/threads")).json()["threads"]
+        messages = (await http.get(f"/api/threads/{accepted['thread_id']}/messages")).json()
+        events = (await http.get(f"/api/threads/{accepted['thread_id']}/events?after_seq=1")).json()
+        bad_seq = await http.get(f"/api/threads/{accepted['thread_id']}/events?after_seq=-1")
+    assert [t["id"] for t in threads] == [accepted["thread_id"]]
+    assert threads[0]["title"] == "hello api"
+    assert [(m["role"], m["content"]) for m in messages["messages"]] == [
+        ("user", "hello api"),
+        ("assistant", "echo: hello api"),
+    ]
+    assert events["events"] == live[1:]
+    assert bad_seq.status_code == 422
+
+
+async def test_http_api_hides_other_users_threads_and_requires_a_token(
+    server: ServerProcess,
+) -> None:
+    async with server.connect(unique_user()) as owner:
+        accepted = await owner.ask("secret")
+        await owner.run_events(accepted["run_id"])
+    thread = accepted["thread_id"]
+    other = {"Authorization": f"Bearer {make_token(unique_user())}"}
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        assert (await http.get("/api/threads", headers=other)).json() == {"threads": []}
+        for path in (f"/api/threads/{thread}/messages", f"/api/threads/{thread}/events"):
+            assert (await http.get(path, headers=other)).status_code == 404
+            assert (await http.get(path)).status_code == 401
+            bad = {"Authorization": "Bearer " + make_token("x", ttl=-100)}
+            assert (await http.get(path, headers=bad)).status_code == 401
+
+
+async def test_health_and_metrics(server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        live = await http.get("/health/live")
+        ready = await http.get("/health/ready")
+        metrics = await http.get("/metrics")
+    assert live.json() == {"status": "ok"}
+    body = ready.json()
+    assert ready.status_code == 200
+    assert body["status"] == "ready"
+    for component in ("database", "llm", "tools", "supervisor", "event_bus"):
+        assert body["components"][component]["status"] == "ok", component
+    assert body["components"]["llm"]["model"] == "fake-model"
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "parley_connections_open" in metrics.text
+    assert "parley_runs_total" in metrics.text or "parley_runs_active" in metrics.text
+    json.dumps(body)  # serialisable as documented

@@ -1,0 +1,239 @@
+"""The WebSocket contract: authentication, handshake, heartbeat, limits and every bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import SpawnServer
+from tests.harness import JWT_SECRET, ServerProcess, make_token, unique_user
+
+
+async def rejected(server: ServerProcess, **connect: Any) -> tuple[list[dict[str, Any]], int]:
+    """Connect, collect every frame until the server closes; return (frames, close code)."""
+    frames: list[dict[str, Any]] = []
+    async with websockets.connect(server.ws_url, **connect) as ws:
+        try:
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return frames, closed.rcvd.code
+    raise AssertionError("unreachable")
+
+
+def _unsigned(claims: dict[str, Any]) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+
+
+BAD_TOKENS = {
+    "alg_none": _unsigned({"sub": "mallory", "exp": int(time.time()) + 600}),
+    "wrong_key": make_token("mallory", secret="another-secret-" + "y" * 60),
+    "expired": make_token("mallory", ttl=-60),
+    "missing_sub": make_token(None),  # type: ignore[arg-type]
+    "missing_exp": jwt.encode({"sub": "mallory"}, JWT_SECRET, "HS256"),
+    "empty_sub": make_token(""),
+    "garbage": "not-a-jwt",
+    "hs512": jwt.encode(
+        {"sub": "mallory", "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS512"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TOKENS))
+async def test_bad_token_gets_one_unauthorized_error_and_close_4401(
+    server: ServerProcess, name: str
+) -> None:
+    headers = {"Authorization": f"Bearer {BAD_TOKENS[name]}"}
+    frames, code = await rejected(server, additional_headers=headers)
+    assert code == 4401
+    assert len(frames) == 1
+    assert frames[0]["type"] == "error"
+    assert frames[0]["code"] == "unauthorized"
+
+
+async def test_missing_token_is_rejected(server: ServerProcess) -> None:
+    frames, code = await rejected(server)
+    assert code == 4401
+    assert [f["code"] for f in frames] == ["unauthorized"]
+
+
+async def test_header_auth_sends_system_message_first(server: ServerProcess) -> None:
+    user = unique_user()
+    async with server.connect(user) as client:
+        hello = client.hello
+    assert hello["user_id"] == user
+    assert hello["protocol"] == "parley.v1"
+    assert hello["heartbeat_interval_s"] == 25
+    assert hello["connection_id"]
+    assert hello["server_version"]
+    assert hello["model"] == "openai:fake-model"
+
+
+async def test_subprotocol_auth_selects_parley_v1(server: ServerProcess) -> None:
+    user = unique_user()
+    protocols = ["parley.v1", f"bearer.{make_token(user)}"]
+    async with websockets.connect(server.ws_url, subprotocols=protocols) as ws:  # type: ignore[arg-type]
+        assert ws.subprotocol == "parley.v1"
+        hello = json.loads(await ws.recv())
+    assert hello["type"] == "system_message"
+    assert hello["user_id"] == user
+
+
+async def test_subprotocol_with_a_bad_token_is_rejected(server: ServerProcess) -> None:
+    protocols = ["parley.v1", "bearer.abc.def.ghi"]
+    frames, code = await rejected(server, subprotocols=protocols)
+    assert code == 4401
+    assert [f["code"] for f in frames] == ["unauthorized"]
+
+
+async def test_origin_not_in_allowed_list_is_closed_4403(spawn: SpawnServer) -> None:
+    server = spawn(ALLOWED_ORIGINS="https://chat.example.com, https://app.example.com")
+    headers = {"Authorization": f"Bearer {make_token(unique_user())}"}
+    frames, code = await rejected(server, additional_headers=headers, origin="https://evil.example")
+    assert code == 4403
+    assert frames == []
+    async with websockets.connect(
+        server.ws_url, additional_headers=headers, origin="https://app.example.com"
+    ) as ws:
+        assert json.loads(await ws.recv())["type"] == "system_message"
+
+
+async def test_too_many_connections_for_one_user_is_closed_4429(spawn: SpawnServer) -> None:
+    server = spawn(MAX_CONNECTIONS_PER_USER="2")
+    user = unique_user()
+    async with server.connect(user), server.connect(user):
+        headers = {"Authorization": f"Bearer {make_token(user)}"}
+        frames, code = await rejected(server, additional_headers=headers)
+        async with server.connect(unique_user()) as someone_else:
+            assert someone_else.hello["type"] == "system_message"
+    assert code == 4429
+    assert frames == []
+
+
+async def test_client_ping_is_answered_with_pong(server: ServerProcess) -> None:
+    async with server.connect(unique_user()) as client:
+        await client.send({"type": "ping"})
+        assert (await client.recv())["type"] == "pong"
+        await client.send({"type": "pong"})
+        await client.send({"type": "ping"})
+        assert (await client.recv())["type"] == "pong"
+
+
+async def test_server_pings_and_closes_a_silent_client_with_4408(spawn: SpawnServer) -> None:
+    server = spawn(WEBSOCKET_HEARTBEAT_INTERVAL="0.5")
+    headers = {"Authorization": f"Bearer {make_token(unique_user())}"}
+    started = time.monotonic()
+    frames, code = await rejected(server, additional_headers=headers)
+    elapsed = time.monotonic() - started
+    assert code == 4408
+    assert [f["type"] for f in frames[:2]] == ["system_message", "ping"]
+    assert 1.0 <= elapsed < 3.0
+
+
+async def test_a_client_answering_pings_stays_connected(spawn: SpawnServer) -> None:
+    server = spawn(WEBSOCKET_HEARTBEAT_INTERVAL="0.3")
+    async with server.connect(unique_user()) as client:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            frame = json.loads(await asyncio.wait_for(client.ws.recv(), 2))
+            if frame["type"] == "ping":
+                await client.send({"type": "pong"})
+        await client.send({"type": "ping"})
+        assert (await client.recv_type("pong"))["type"] == "pong"
+
+
+BAD_FRAMES = [
+    ("{not json", "invalid_json", None),
+    ("[1, 2]", "invalid_message", None),
+    ('"just a string"', "invalid_message", None),
+    ("{}", "invalid_message", "type"),
+    ('{"type": 5}', "invalid_message", "type"),
+    ('{"type": "launch_missiles"}', "unknown_type", "launch_missiles"),
+    ('{"type": "user_message"}', "invalid_message", "content"),
+    ('{"type": "user_message", "content": ""}', "invalid_message", "content"),
+    ('{"type": "user_message", "content": 42}', "invalid_message", "content"),
+    ('{"type": "user_message", "content": "hi", "thread_id": 7}', "invalid_message", "thread_id"),
+    ('{"type": "user_message", "content": "hi", "client_message_id": ""}', "invalid_message",
+     "client_message_id"),
+    ('{"type": "stop_agent"}', "invalid_message", "run_id"),
+    ('{"type": "resume", "thread_id": "t"}', "invalid_message", "after_seq"),
+    ('{"type": "resume", "thread_id": "t", "after_seq": -1}', "invalid_message", "after_seq"),
+    ('{"type": "resume", "thread_id": "t", "after_seq": "3"}', "invalid_message", "after_seq"),
+    ('{"type": "resume", "thread_id": "t", "after_seq": 1.5}', "invalid_message", "after_seq"),
+    ('{"type": "resume", "thread_id": "t", "after_seq": true}', "invalid_message", "after_seq"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code", "field"), BAD_FRAMES)
+async def test_malformed_message_gets_an_error_naming_the_field_and_stays_open(
+    server: ServerProcess, frame: str, code: str, field: str | None
+) -> None:
+    async with server.connect(unique_user()) as client:
+        await client.send(frame)
+        error = await client.recv()
+        await client.send({"type": "ping"})
+        pong = await client.recv()
+    assert error["type"] == "error"
+    assert error["code"] == code
+    if field is not None:
+        assert field in error["message"]
+    assert pong["type"] == "pong"
+
+
+async def test_content_over_32000_characters_is_invalid(server: ServerProcess) -> None:
+    async with server.connect(unique_user()) as client:
+        error = await client.ask("a" * 32001)
+        ok = await client.ask("a" * 32000)
+    assert error["code"] == "invalid_message"
+    assert "content" in error["message"]
+    assert ok["type"] == "message_accepted"
+
+
+async def test_binary_frame_is_invalid_and_the_connection_stays_open(server: ServerProcess) -> None:
+    async with server.connect(unique_user()) as client:
+        await client.ws.send(b"\x00\x01binary")
+        error = await client.recv()
+        await client.send({"type": "ping"})
+        assert (await client.recv())["type"] == "pong"
+    assert error["code"] == "invalid_message"
+
+
+async def test_oversized_frame_gets_message_too_large_and_close_1009(spawn: SpawnServer) -> None:
+    server = spawn(MAX_MESSAGE_BYTES="4096")
+    async with server.connect(unique_user()) as client:
+        await client.send({"type": "user_message", "content": "é" * 3000})  # 6000 bytes
+        error = await client.recv()
+        with pytest.raises(ConnectionClosed) as closed:
+            await client.recv()
+    assert error["code"] == "message_too_large"
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009
+
+
+async def test_plain_http_to_the_websocket_path_is_refused(server: ServerProcess) -> None:
+    with pytest.raises(InvalidStatus):
+        async with websockets.connect(server.ws_url.replace("/ws", "/nope")):
+            pass
+
+
+async def test_messages_from_a_flood_of_clients_each_get_answers(server: ServerProcess) -> None:
+    async def one() -> str:
+        async with server.connect(unique_user()) as client:
+            accepted = await client.ask("ping the agent")
+            events = await client.run_events(accepted["run_id"])
+            return str(events[-1]["type"])
+
+    outcomes = await asyncio.gather(*(one() for _ in range(20)))
+    assert outcomes == ["agent_completed"] * 20
