@@ -37,7 +37,9 @@ def spawn(fake_llm: FakeLLM, tmp_path: Path) -> Iterator[SpawnServer]:
     """Start a Parley server with extra environment; every one is stopped after the test."""
     started: list[ServerProcess] = []
 
-    def _spawn(*, wait_ready: bool = True, data_dir: Path | None = None, **env: str) -> ServerProcess:
+    def _spawn(
+        *, wait_ready: bool = True, data_dir: Path | None = None, **env: str
+    ) -> ServerProcess:
         directory = data_dir or tmp_path / f"server{len(started)}"
         server = ServerProcess(base_env(directory, **{**llm_env(fake_llm), **env}), free_port())
         started.append(server)

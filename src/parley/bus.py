@@ -139,7 +139,7 @@ class RedisBus:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._client.aclose()
 
     async def ping(self) -> None:

@@ -133,7 +133,7 @@ class Settings(BaseSettings):
             found.append(f"LLM_BASE_URL must be an http(s) URL, got {self.llm_base_url!r}")
         if self.auth_service_url and not self.auth_service_url.startswith(("http://", "https://")):
             found.append("AUTH_SERVICE_URL must be an http(s) URL")
-        if self.jwt_secret is not None and len(self.jwt_secret.get_secret_value()) < 32:
-            if self.environment.is_deployed:
-                found.append("JWT_SECRET must be at least 32 characters")
+        secret = self.jwt_secret.get_secret_value() if self.jwt_secret is not None else None
+        if secret is not None and len(secret) < 32 and self.environment.is_deployed:
+            found.append("JWT_SECRET must be at least 32 characters")
         return found

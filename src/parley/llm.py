@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import httpx2
 from openai import AsyncOpenAI
 from pydantic_ai.direct import model_request
 from pydantic_ai.exceptions import (
@@ -48,6 +49,7 @@ _OUTAGES = (
     ModelRateLimitError,
     ModelRequestTimeout,
     httpx.TransportError,
+    httpx2.TransportError,
     TimeoutError,
 )
 
@@ -144,7 +146,7 @@ class LLMManager:
     provider: str
     model_name: str
     model: GuardedModel
-    http_client: httpx.AsyncClient
+    http_client: httpx2.AsyncClient
 
     @property
     def display_name(self) -> str:
@@ -189,9 +191,10 @@ def openai_compatible_manager(
     metrics: Metrics,
 ) -> LLMManager:
     """A manager for any OpenAI-compatible endpoint (OpenAI itself, vLLM, llama.cpp's server)."""
-    http_client = httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    # The OpenAI SDK is built on httpx2 (the successor of httpx); give it one of its own kind.
+    http_client = httpx2.AsyncClient(
+        timeout=httpx2.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+        limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
     )
     client = AsyncOpenAI(
         base_url=base_url,

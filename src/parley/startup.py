@@ -412,7 +412,9 @@ def _ensure_writable_dir(path: os.PathLike[str] | str, what: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise ConfigurationError(f"{what} {os.fspath(path)!r} cannot be created: {exc.strerror}")
+        raise ConfigurationError(
+            f"{what} {os.fspath(path)!r} cannot be created: {exc.strerror}"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigurationError(f"{what} {os.fspath(path)!r} is not writable")
 

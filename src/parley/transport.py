@@ -140,6 +140,8 @@ class Transport:
         self._metrics = metrics
         self._per_user: dict[str, int] = {}
         self._connections: set[_Connection] = set()
+        self._none_open = asyncio.Event()
+        self._none_open.set()
 
     @property
     def authenticator(self) -> Authenticator:
@@ -181,11 +183,14 @@ class Transport:
         )
         self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
         self._connections.add(connection)
+        self._none_open.clear()
         self._metrics.connections.set(len(self._connections))
         try:
             await self._serve(connection)
         finally:
             self._connections.discard(connection)
+            if not self._connections:
+                self._none_open.set()
             left = self._per_user.get(user_id, 1) - 1
             if left > 0:
                 self._per_user[user_id] = left
@@ -374,9 +379,9 @@ class Transport:
         """Flush what each connection has queued, then close it with 1001."""
         for connection in list(self._connections):
             connection.enqueue(_Close(CLOSE_GOING_AWAY, "server shutting down"))
-        deadline = time.monotonic() + timeout_s
-        while self._connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._none_open.wait()
 
 
 def _bearer_token(authorization: str | None, subprotocols: list[str]) -> str | None:

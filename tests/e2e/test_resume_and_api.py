@@ -32,7 +32,9 @@ async def test_resume_after_a_disconnect_mid_run_delivers_each_missed_event_once
     # Disconnected in the middle of the run; it goes on without us.
     last_seq = seen[-1]["seq"]
     async with server.connect(user) as client:
-        await client.send({"type": "resume", "thread_id": accepted["thread_id"], "after_seq": last_seq})
+        await client.send(
+            {"type": "resume", "thread_id": accepted["thread_id"], "after_seq": last_seq}
+        )
         rest: list[dict[str, Any]] = []
         complete: dict[str, Any] | None = None
         while complete is None or not any(e["type"] in TERMINAL for e in rest):

@@ -66,7 +66,8 @@ async def test_message_produces_the_full_event_sequence_with_a_tool_call(
     assert final["type"] == "agent_completed"
     deltas = "".join(e["text"] for e in events if e["type"] == "agent_message_delta")
     assert deltas == final["content"] == "The result is 80, computed exactly."
-    assert final["usage"]["input_tokens"] > 0 and final["usage"]["output_tokens"] > 0
+    assert final["usage"]["input_tokens"] > 0
+    assert final["usage"]["output_tokens"] > 0
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert len({e["event_id"] for e in events}) == len(events)
     for event in events:
@@ -215,7 +216,9 @@ async def test_unreachable_provider_ends_runs_with_llm_unavailable_then_circuit_
     assert elapsed < 2
     ready = await poll_readiness(server, 503)
     assert ready["components"]["llm"]["status"] == "down"
-    assert "parley_llm_circuit_open" in httpx.get(server.http + "/metrics").text
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'parley_llm_circuit_open{provider="openai"} 1.0' in metrics
 
 
 async def test_run_that_exceeds_its_deadline_ends_with_timeout(
@@ -280,7 +283,9 @@ async def test_search_history_finds_only_the_callers_own_messages(
     async with server.connect(unique_user("other")) as other:
         accepted = await other.ask(f"my password is {secret_word}-other")
         await other.run_events(accepted["run_id"])
-    t = fake_llm.script(trigger(), ToolCall([("search_history", {"query": secret_word})]), Text("ok"))
+    t = fake_llm.script(
+        trigger(), ToolCall([("search_history", {"query": secret_word})]), Text("ok")
+    )
     async with server.connect(unique_user("me")) as me:
         accepted = await me.ask(f"note {secret_word}-mine")
         await me.run_events(accepted["run_id"])

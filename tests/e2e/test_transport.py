@@ -21,13 +21,15 @@ async def rejected(server: ServerProcess, **connect: Any) -> tuple[list[dict[str
     """Connect, collect every frame until the server closes; return (frames, close code)."""
     frames: list[dict[str, Any]] = []
     async with websockets.connect(server.ws_url, **connect) as ws:
-        try:
+
+        async def read_forever() -> None:
             while True:
                 frames.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
-        except ConnectionClosed as closed:
-            assert closed.rcvd is not None
-            return frames, closed.rcvd.code
-    raise AssertionError("unreachable")
+
+        with pytest.raises(ConnectionClosed) as closed:
+            await read_forever()
+    assert closed.value.rcvd is not None
+    return frames, closed.value.rcvd.code
 
 
 def _unsigned(claims: dict[str, Any]) -> str:
@@ -165,8 +167,11 @@ BAD_FRAMES = [
     ('{"type": "user_message", "content": ""}', "invalid_message", "content"),
     ('{"type": "user_message", "content": 42}', "invalid_message", "content"),
     ('{"type": "user_message", "content": "hi", "thread_id": 7}', "invalid_message", "thread_id"),
-    ('{"type": "user_message", "content": "hi", "client_message_id": ""}', "invalid_message",
-     "client_message_id"),
+    (
+        '{"type": "user_message", "content": "hi", "client_message_id": ""}',
+        "invalid_message",
+        "client_message_id",
+    ),
     ('{"type": "stop_agent"}', "invalid_message", "run_id"),
     ('{"type": "resume", "thread_id": "t"}', "invalid_message", "after_seq"),
     ('{"type": "resume", "thread_id": "t", "after_seq": -1}', "invalid_message", "after_seq"),

@@ -187,7 +187,9 @@ def _completion(turn: Text | ToolCall, model: str) -> dict[str, Any]:
     if isinstance(turn, Text):
         message["content"] = turn.text
     else:
-        message["tool_calls"] = [_tool_call(i, name, args) for i, (name, args) in enumerate(turn.calls)]
+        message["tool_calls"] = [
+            _tool_call(i, name, args) for i, (name, args) in enumerate(turn.calls)
+        ]
         finish = "tool_calls"
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",

@@ -110,9 +110,9 @@ def _call(node: ast.Call, depth: int) -> Number:
 def _check_power(base: Number, exponent: Number) -> None:
     if abs(exponent) > 100_000:
         raise CalculatorError("exponent too large")
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
-        if exponent * math.log2(abs(base)) > MAX_INT_BITS:
-            raise CalculatorError("result too large")
+    exact = isinstance(base, int) and isinstance(exponent, int)
+    if exact and exponent > 0 and abs(base) > 1 and exponent * math.log2(abs(base)) > MAX_INT_BITS:
+        raise CalculatorError("result too large")
 
 
 def _bounded(value: Number) -> Number:
