@@ -66,6 +66,8 @@ def evaluate(expression: str) -> Number:
         raise CalculatorError(f"not an arithmetic expression: {exc.__class__.__name__}") from None
     try:
         return _eval(tree.body, 0)
+    except CalculatorError:
+        raise
     except ZeroDivisionError:
         raise CalculatorError("division by zero") from None
     except OverflowError:
