@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.fakes.llm_server import FakeLLM
@@ -72,8 +75,22 @@ def _service_url(variable: str, what: str) -> str:
 
 
 @pytest.fixture
-def postgres_url() -> str:
-    return _service_url("PARLEY_TEST_POSTGRES_URL", "PostgreSQL")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty database on the test PostgreSQL server, dropped after the test."""
+    server_url = _service_url("PARLEY_TEST_POSTGRES_URL", "PostgreSQL")
+    name = f"parley_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
+    yield server_url.rsplit("/", 1)[0] + "/" + name
+    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _admin(server_url: str, statement: str) -> None:
+    dsn = server_url.replace("postgresql+asyncpg://", "postgresql://")
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
 
 
 @pytest.fixture
