@@ -79,7 +79,9 @@ def configure_logging(*, level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # uvicorn's access log duplicates what Parley logs, one line per health probe.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    for noisy in ("httpx", "httpcore", "openai", "aiosqlite", "alembic"):
+    # stamina announces each retry itself; startup records attempts in its phase table instead.
+    logging.getLogger("stamina").setLevel(logging.ERROR)
+    for noisy in ("httpx", "httpx2", "httpcore", "openai", "aiosqlite", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -102,6 +102,8 @@ class _Context:
     cleanup: contextlib.AsyncExitStack
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     built: dict[str, Any] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    last_error: dict[str, Exception] = field(default_factory=dict)
 
     def need(self, name: str) -> Any:
         value = self.built.get(name)
@@ -323,18 +325,21 @@ async def start(
             if ctx.built[phase.name] is None:
                 raise ConfigurationError(f"phase {phase.name} produced nothing")
             result.status = "ok"
+            result.detail = _attempts_note(ctx, phase.name).strip()
         except BaseException as exc:
             result.status = "failed"
             result.duration_ms = int((time.monotonic() - started) * 1000)
-            error = _startup_error(phase.name, exc)
-            result.detail = error.reason
+            error = _startup_error(phase.name, exc, ctx.last_error.get(phase.name))
+            result.detail = error.reason + _attempts_note(ctx, phase.name)
             await ctx.cleanup.aclose()
             error.results = results
             if isinstance(exc, Exception):
                 raise error from exc
             raise
         result.duration_ms = int((time.monotonic() - started) * 1000)
-        log.info("startup.phase_ok", phase=phase.name, duration_ms=result.duration_ms)
+        # Progress is DEBUG so that, on failure, the failure line is the first thing printed.
+        log.debug("startup.phase_ok", phase=phase.name, duration_ms=result.duration_ms)
+    log.info("startup.complete", **{r.name + "_ms": r.duration_ms for r in results})
     components = Components(
         settings=ctx.need("settings"),
         metrics=ctx.metrics,
@@ -363,9 +368,19 @@ async def _run_phase(phase: Phase, ctx: _Context, deadline: float) -> Any:
         ):
             with attempt:
                 if attempt.num > 1:
-                    log.warning("startup.retrying", phase=phase.name, attempt=attempt.num)
-                return await phase.build(ctx)
+                    ctx.attempts[phase.name] = attempt.num
+                    log.debug("startup.retrying", phase=phase.name, attempt=attempt.num)
+                try:
+                    return await phase.build(ctx)
+                except Exception as exc:
+                    ctx.last_error[phase.name] = exc
+                    raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _attempts_note(ctx: _Context, phase: str) -> str:
+    attempts = ctx.attempts.get(phase)
+    return f" (after {attempts} attempts)" if attempts else ""
 
 
 def _is_transient(exc: Exception) -> bool:
@@ -384,15 +399,21 @@ def _is_transient(exc: Exception) -> bool:
     return type(exc).__module__.startswith(("asyncpg", "redis")) and "connect" in str(exc).lower()
 
 
-def _startup_error(phase: str, exc: BaseException) -> StartupError:
+def _startup_error(phase: str, exc: BaseException, last_error: Exception | None) -> StartupError:
     if isinstance(exc, ConfigurationError):
         return StartupError(phase, str(exc), exc.hint)
+    if isinstance(exc, TimeoutError) and last_error is not None and last_error is not exc:
+        reason = f"not ready within STARTUP_TIMEOUT_S; last error {_describe(last_error)}"
+        return StartupError(phase, reason, _HINTS.get(phase, ""))
     if isinstance(exc, TimeoutError):
         return StartupError(
             phase, "timed out", "the dependency did not answer within STARTUP_TIMEOUT_S"
         )
-    reason = _redact(f"{type(exc).__name__}: {exc}".splitlines()[0])
-    return StartupError(phase, reason, _HINTS.get(phase, ""))
+    return StartupError(phase, _describe(exc), _HINTS.get(phase, ""))
+
+
+def _describe(exc: BaseException) -> str:
+    return _redact(f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 _HINTS = {

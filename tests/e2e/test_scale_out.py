@@ -47,7 +47,8 @@ async def test_a_run_on_one_instance_reaches_the_user_on_another_and_resumes_the
     assert replayed == seen_on_a
     assert more[0]["seq"] == seen_on_a[-1]["seq"] + 1
 
-    ready = httpx.get(b.http + "/health/ready").json()["components"]
+    async with httpx.AsyncClient(base_url=b.http) as http:
+        ready = (await http.get("/health/ready")).json()["components"]
     assert ready["database"]["backend"] == "postgresql"
     assert ready["event_bus"]["backend"] == "redis"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 
@@ -73,11 +72,10 @@ def test_refuses_what_is_not_arithmetic(expression: str, reason: str) -> None:
         "(2 ** 4000) * (2 ** 4000)",
     ],
 )
-def test_huge_results_are_refused_quickly(expression: str) -> None:
-    started = time.perf_counter()
-    with pytest.raises(CalculatorError, match="too large|not a finite"):
+def test_huge_results_are_refused(expression: str) -> None:
+    # Refused before computing: pytest-timeout fails the test if the bound check is missing.
+    with pytest.raises(CalculatorError, match=r"too large|not a finite"):
         evaluate(expression)
-    assert time.perf_counter() - started < 1.0
 
 
 def test_deep_nesting_is_refused() -> None:
