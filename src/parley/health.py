@@ -32,7 +32,13 @@ class Readiness:
     async def check(self) -> tuple[bool, dict[str, Any]]:
         async with self._lock:
             now = time.monotonic()
-            if self._cached is not None and now - self._cached[0] < CACHE_S:
+            fresh = self._cached is not None and now - self._cached[0] < CACHE_S
+            # Draining turns readiness off at once: a cached "ready" must not outlive SIGTERM.
+            if (
+                self._cached is not None
+                and fresh
+                and not (self._state.draining and self._cached[1])
+            ):
                 return self._cached[1], self._cached[2]
             components = {
                 "database": await _probe(

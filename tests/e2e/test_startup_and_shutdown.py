@@ -332,7 +332,7 @@ async def test_readiness_turns_503_when_the_database_goes_away_and_back_when_it_
 async def test_sigterm_cancels_a_run_past_the_grace_period_and_closes_with_1001(
     spawn: SpawnServer, fake_llm: FakeLLM
 ) -> None:
-    server = spawn(SHUTDOWN_GRACE_S="1")
+    server = spawn(SHUTDOWN_GRACE_S="3")
     t = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("slow " * 100, chunk=5, delay_s=0.1))
     async with server.connect(unique_user()) as client:
         accepted = await client.ask(f"take your time {t}")
