@@ -38,7 +38,10 @@ DEFAULT_DATA_DIR = Path("var")
 class Settings(BaseSettings):
     """Every knob Parley has. Field names are the environment variable names, lower-cased."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # An empty variable (`LLM_PROVIDER=`) means unset, as operators expect.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, env_ignore_empty=True
+    )
 
     environment: Environment = Environment.DEVELOPMENT
     host: str = "127.0.0.1"
@@ -69,6 +72,8 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=1, ge=0, le=10)
     llm_circuit_failure_threshold: int = Field(default=5, ge=1)
     llm_circuit_reset_s: float = Field(default=30.0, gt=0)
+    llm_max_tokens: int | None = Field(default=None, ge=1)
+    llm_model_path: Path | None = None  # a GGUF file for LLM_PROVIDER=local
 
     # Transport limits.
     websocket_heartbeat_interval: float = Field(default=25.0, gt=0)
@@ -107,6 +112,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / 'parley.db'}"
+
+    @property
+    def effective_llm_provider(self) -> LLMProvider | None:
+        """The configured provider; in development with none configured, the local model."""
+        if self.llm_provider is None and self.environment is Environment.DEVELOPMENT:
+            return LLMProvider.LOCAL
+        return self.llm_provider
 
     @property
     def effective_log_format(self) -> str:

