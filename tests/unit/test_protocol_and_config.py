@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -51,6 +52,13 @@ def test_json_schema_covers_both_directions() -> None:
         assert kind in client
     for kind in ("system_message", "agent_started", "tool_completed", "agent_cancelled"):
         assert kind in server
+
+
+def test_committed_json_schema_is_current() -> None:
+    committed = Path(__file__).parents[2] / "docs" / "protocol.schema.json"
+    assert json.loads(committed.read_text()) == json.loads(json.dumps(json_schema())), (
+        "docs/protocol.schema.json is stale: run `make schema`"
+    )
 
 
 def settings(**values: object) -> Settings:
