@@ -22,6 +22,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from parley import __version__
@@ -29,6 +30,7 @@ from parley.api import build_router
 from parley.health import Readiness, ServingState
 from parley.observability import get_logger
 from parley.startup import Components
+from parley.web import STATIC_DIR
 
 log = get_logger(__name__)
 
@@ -82,6 +84,8 @@ def create_app(components: Components, state: ServingState | None = None) -> Fas
     app.include_router(
         build_router(authenticator=components.transport.authenticator, db=components.db)
     )
+    # Last, so that every route above takes precedence over a static file of the same path.
+    app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
     return app
 
 

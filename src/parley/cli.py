@@ -109,6 +109,8 @@ async def _serve(settings: Settings) -> int:
         token = mint_token(secret=development_secret(settings.data_dir), user_id="dev", ttl_s=86400)
         err.print(
             f"\nParley {__version__} (development) on http://{settings.host}:{settings.port}\n"
+            f"  Chat page (signs in as 'dev'): "
+            f"http://{settings.host}:{settings.port}/#token={token}\n"
             f"  WebSocket: ws://{settings.host}:{settings.port}/ws\n"
             f"  Token for user 'dev' (24 h): {token}\n",
             markup=False,
