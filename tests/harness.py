@@ -85,7 +85,7 @@ class ServerProcess:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> ServerProcess:
+    def start(self, *, wait_ready: bool = True, timeout: float = 60.0) -> ServerProcess:
         self.log_path = Path(self.env["DATA_DIR"]) / f"server-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
@@ -101,7 +101,7 @@ class ServerProcess:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
