@@ -223,6 +223,32 @@ async def _migrate(settings: Settings) -> int:
 
 
 @app.command()
+def chat(
+    url: Annotated[str | None, typer.Option(help="WebSocket URL of a Parley server")] = None,
+    token: Annotated[
+        str | None, typer.Option(help="JWT; in development one is minted for user 'dev'")
+    ] = None,
+    thread: Annotated[str | None, typer.Option(help="Continue this thread id")] = None,
+) -> None:
+    """Chat in the terminal: the agent's thinking, tool calls and answer, live."""
+    from parley.chat import ChatClient
+
+    settings = _settings()
+    if token is None:
+        if settings.environment.is_deployed or settings.jwt_secret is not None:
+            err.print("--token is required (a JWT from your auth service)")
+            raise typer.Exit(2)
+        token = mint_token(secret=development_secret(settings.data_dir), user_id="dev", ttl_s=86400)
+    client = ChatClient(
+        url=url or f"ws://{settings.host}:{settings.port}/ws",
+        token=token,
+        thread_id=thread,
+        console=Console(),
+    )
+    raise typer.Exit(_run(client.run()))
+
+
+@app.command()
 def version() -> None:
     """Print Parley's version."""
     out.print(__version__)
