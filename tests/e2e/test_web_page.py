@@ -70,6 +70,7 @@ async def test_chat_page_shows_each_run_live_stops_and_survives_a_cut_connection
         page = await browser.new_page()
         await page.goto(f"http://127.0.0.1:{proxy.port}/#token={make_token('web-user')}")
         await expect(page.locator("#status")).to_contain_text("Connected as web-user")
+        await expect(page.locator("#sign-in")).to_be_hidden()
         assert "token" not in page.url  # the token does not stay in the address bar
 
         # 1. A run with a tool call: every kind of timeline entry appears.

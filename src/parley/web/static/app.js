@@ -223,14 +223,14 @@ function runEvent(event) {
       break;
     case "tool_executing": {
       const entry = add("tool", "");
-      entry.append(el("span", "tool-name", `🔧 ${event.tool}`), " ",
+      entry.append(el("span", "tool-name", event.tool), " ",
                    el("span", "tool-status", "running…"),
                    el("pre", "tool-arguments", JSON.stringify(event.arguments, null, 2)));
       view.tools.set(event.tool_call_id, entry);
       break;
     }
     case "tool_completed": {
-      const entry = view.tools.get(event.tool_call_id) || add("tool", `🔧 ${event.tool}`);
+      const entry = view.tools.get(event.tool_call_id) || add("tool", event.tool);
       const status = entry.querySelector(".tool-status") || entry.appendChild(el("span", "tool-status"));
       status.className = `tool-status ${event.status}`;
       status.textContent = `${event.status === "ok" ? "done" : "failed"} in ${event.duration_ms} ms`;
