@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from parley.agents import AgentRegistry
 from parley.agents.runner import AgentOutcome, history_to_messages, run_agent
+from parley.counters import PerUserCounter
 from parley.errors import (
     NotFound,
     ParleyError,
@@ -113,7 +114,7 @@ class Supervisor:
         self._metrics = metrics
         self._instance_id = instance_id
         self._runs: dict[str, _Run] = {}
-        self._per_user: dict[str, int] = {}
+        self._per_user = PerUserCounter()
         self._recent: dict[str, deque[float]] = {}
         self.accepting = True
         metrics.supervisor_accepting.set(1)
@@ -153,7 +154,7 @@ class Supervisor:
             content=message.content,
         )
         self._runs[run.run_id] = run
-        self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
+        self._per_user.add(user_id)
         self._metrics.runs_active.set(len(self._runs))
         try:
             on_accepted(accepted)
@@ -166,7 +167,7 @@ class Supervisor:
         if len(self._runs) >= self._limits.max_concurrent_runs:
             self._metrics.rejections.labels(code="server_busy").inc()
             raise ServerBusy("the server is at its run capacity; retry shortly")
-        if self._per_user.get(user_id, 0) >= self._limits.max_runs_per_user:
+        if self._per_user[user_id] >= self._limits.max_runs_per_user:
             self._metrics.rejections.labels(code="rate_limited").inc()
             raise RateLimited(
                 f"at most {self._limits.max_runs_per_user} runs may be in progress per user"
@@ -379,11 +380,7 @@ class Supervisor:
                 log.exception("run.terminal_write_failed", run_id=run.run_id, attempt=attempt)
                 await asyncio.sleep(0.2 * 2**attempt)
         self._runs.pop(run.run_id, None)
-        left = self._per_user.get(run.user_id, 1) - 1
-        if left > 0:
-            self._per_user[run.user_id] = left
-        else:
-            self._per_user.pop(run.user_id, None)
+        self._per_user.remove(run.user_id)
         self._metrics.runs_active.set(len(self._runs))
         self._metrics.runs.labels(outcome=status).inc()
         self._metrics.run_seconds.observe(time.monotonic() - run.started)

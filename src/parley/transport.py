@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from parley import __version__
 from parley.auth import Authenticator
 from parley.bus import Delivery, EventBus
+from parley.counters import PerUserCounter
 from parley.errors import NotFound, ParleyError
 from parley.observability import Metrics, get_logger
 from parley.protocol import (
@@ -138,7 +139,7 @@ class Transport:
         self._bus = bus
         self._db = db
         self._metrics = metrics
-        self._per_user: dict[str, int] = {}
+        self._per_user = PerUserCounter()
         self._connections: set[_Connection] = set()
         self._none_open = asyncio.Event()
         self._none_open.set()
@@ -172,7 +173,7 @@ class Transport:
             await ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
             return
         user_id = identity.user_id
-        if self._per_user.get(user_id, 0) >= self._config.max_connections_per_user:
+        if self._per_user[user_id] >= self._config.max_connections_per_user:
             await ws.close(CLOSE_TOO_MANY, "too many connections for this user")
             return
         connection = _Connection(
@@ -181,7 +182,7 @@ class Transport:
             ws=ws,
             queue=asyncio.Queue(self._config.send_queue_size),
         )
-        self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
+        self._per_user.add(user_id)
         self._connections.add(connection)
         self._none_open.clear()
         self._metrics.connections.set(len(self._connections))
@@ -191,11 +192,7 @@ class Transport:
             self._connections.discard(connection)
             if not self._connections:
                 self._none_open.set()
-            left = self._per_user.get(user_id, 1) - 1
-            if left > 0:
-                self._per_user[user_id] = left
-            else:
-                self._per_user.pop(user_id, None)
+            self._per_user.remove(user_id)
             self._metrics.connections.set(len(self._connections))
 
     async def _serve(self, connection: _Connection) -> None:

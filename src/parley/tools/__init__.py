@@ -86,27 +86,18 @@ class DispatchingToolset(WrapperToolset[RunDeps]):
         duration_ms = int((time.perf_counter() - started) * 1000)
         status = "error" if error is not None else "ok"
         self._metrics.tool_seconds.labels(tool=name, status=status).observe(duration_ms / 1000)
-        if error is not None:
-            await ctx.deps.emit(
-                ToolCompleted(
-                    tool_call_id=call_id,
-                    tool=name,
-                    status="error",
-                    error=error,
-                    duration_ms=duration_ms,
-                )
-            )
-            return {"error": error}
         await ctx.deps.emit(
             ToolCompleted(
                 tool_call_id=call_id,
                 tool=name,
-                status="ok",
-                result=result,
+                status=status,
+                result=result if error is None else None,
+                error=error,
                 duration_ms=duration_ms,
             )
         )
-        return result
+        # The model reads a failure as the tool's result, and can explain or try again.
+        return result if error is None else {"error": error}
 
 
 class ToolRegistry:
