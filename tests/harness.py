@@ -98,7 +98,11 @@ class ServerProcess:
             text=True,
         )
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()  # a fixture that fails here never reaches its teardown
+                raise
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
