@@ -41,6 +41,7 @@ class ChatClient:
         self._main: asyncio.Task[Any] | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._tool_arguments: dict[str, Any] = {}
+        self._pending: dict[str, dict[int, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ connection
 
@@ -101,13 +102,31 @@ class ChatClient:
                         )
                     )
             elif "seq" in frame:
-                thread = frame["thread_id"]
-                if frame["seq"] <= self._last_seq.get(thread, 0):
-                    continue  # already shown before a reconnect
-                self._last_seq[thread] = frame["seq"]
-                await self._events.put(frame)
+                await self._accept_in_order(frame)
+            elif kind == "resume_complete":
+                # Whatever still waits behind a gap the replay could not fill: show it now.
+                waiting = self._pending.pop(frame["thread_id"], {})
+                for seq in sorted(waiting):
+                    await self._accept_in_order(waiting[seq], force=True)
             elif kind in ("message_accepted", "error"):
                 await self._events.put(frame)
+
+    async def _accept_in_order(self, frame: dict[str, Any], *, force: bool = False) -> None:
+        """Show each event once, in `seq` order: an event past a gap (which a reconnect can
+        cause) waits until the replay fills the gap."""
+        thread, seq = frame["thread_id"], frame["seq"]
+        last = self._last_seq.get(thread)
+        if last is not None and seq <= last:
+            return  # already shown
+        if last is not None and seq > last + 1 and not force:
+            self._pending.setdefault(thread, {})[seq] = frame
+            return
+        self._last_seq[thread] = seq
+        await self._events.put(frame)
+        waiting = self._pending.get(thread, {})
+        while (following := waiting.pop(self._last_seq[thread] + 1, None)) is not None:
+            self._last_seq[thread] = following["seq"]
+            await self._events.put(following)
 
     async def _send(self, message: dict[str, Any]) -> None:
         await self._connected.wait()

@@ -54,6 +54,10 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_ORIGIN = 4403
 CLOSE_HEARTBEAT = 4408
 CLOSE_TOO_MANY = 4429
+# How long a new connection holds back live run events of threads it has not resumed yet. A
+# client that reconnects mid-run sends `resume` right after `system_message`; without the hold,
+# live events published in that round trip would overtake the replay of the ones it missed.
+RESUME_HOLD_S = 0.5
 _REPLAY_PAGE = 500
 _BEARER_PREFIX = "bearer."
 
@@ -92,6 +96,10 @@ class _Connection:
     last_received: float = field(default_factory=time.monotonic)
     cursors: dict[str, _Cursor] = field(default_factory=dict)
     replaying: dict[str, list[Delivery]] = field(default_factory=dict)
+    # Live events that arrived in the first moments of the connection, by thread, held back
+    # so that a client that reconnects and resumes gets the replay first and then these, in
+    # order (see RESUME_HOLD_S). Released by `release_held` when the window ends.
+    held: dict[str, list[Delivery]] | None = field(default_factory=dict)
     overflow: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
 
@@ -112,12 +120,37 @@ class _Connection:
         if buffer is not None:
             buffer.append(delivery)
             return
+        if self.held is not None and delivery.thread_id not in self.cursors:
+            self.held.setdefault(delivery.thread_id, []).append(delivery)
+            return
+        self._send_live(delivery)
+
+    def claim(self, thread_id: str) -> None:
+        """This connection posts into the thread: deliver its events live from now on."""
+        if thread_id not in self.cursors and thread_id not in self.replaying:
+            self.cursors[thread_id] = _Cursor(last=0)
+            for delivery in self.take_held(thread_id):
+                self._send_live(delivery)
+
+    def take_held(self, thread_id: str) -> list[Delivery]:
+        return self.held.pop(thread_id, []) if self.held is not None else []
+
+    def release_held(self) -> None:
+        """End of the hold window: send what was held, in order, and hold nothing more."""
+        held, self.held = self.held, None
+        for deliveries in (held or {}).values():
+            for delivery in deliveries:
+                self.deliver(delivery)
+
+    def _send_live(self, delivery: Delivery) -> None:
         cursor = self.cursors.get(delivery.thread_id)
         if cursor is None:
             self.cursors[delivery.thread_id] = _Cursor(last=delivery.seq, first_live=delivery.seq)
         elif delivery.seq <= cursor.last:
             return
         else:
+            if cursor.last == 0 and cursor.first_live is None:  # claimed, first event now
+                cursor.first_live = delivery.seq
             cursor.last = delivery.seq
         self.enqueue(delivery.frame)
 
@@ -208,6 +241,7 @@ class Transport:
         subscription = await self._bus.subscribe(connection.user_id, connection.deliver)
         try:
             tasks = [
+                asyncio.create_task(self._release_held_later(connection)),
                 asyncio.create_task(self._receive(connection)),
                 asyncio.create_task(self._send(connection)),
                 asyncio.create_task(self._heartbeat(connection)),
@@ -226,7 +260,12 @@ class Transport:
         finally:
             await subscription.close()
 
-    # ------------------------------------------------------------------ the three loops
+    # ------------------------------------------------------------------ the loops
+
+    async def _release_held_later(self, connection: _Connection) -> None:
+        await asyncio.sleep(RESUME_HOLD_S)
+        connection.release_held()
+        await asyncio.Event().wait()  # stay pending like the other loops
 
     async def _send(self, connection: _Connection) -> None:
         while True:
@@ -302,6 +341,7 @@ class Transport:
 
     async def _user_message(self, connection: _Connection, message: UserMessage) -> None:
         def accepted(result: Accepted) -> None:
+            connection.claim(result.thread_id)
             connection.enqueue(
                 MessageAccepted(
                     client_message_id=result.client_message_id,
@@ -338,7 +378,8 @@ class Transport:
             if previous is not None and previous.first_live is not None
             else None
         )
-        connection.replaying[thread_id] = []
+        # Events held back since connect join the replay buffer: sent after the replay, in order.
+        connection.replaying[thread_id] = connection.take_held(thread_id)
         position = message.after_seq
         try:
             while True:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import socket
 import time
+import uuid
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import SpawnServer
+from tests.fakes.llm_server import FakeLLM, Text
 from tests.harness import JWT_SECRET, ServerProcess, make_token, unique_user
 
 
@@ -242,3 +247,97 @@ async def test_messages_from_a_flood_of_clients_each_get_answers(server: ServerP
 
     outcomes = await asyncio.gather(*(one() for _ in range(20)))
     assert outcomes == ["agent_completed"] * 20
+
+
+class RawSlowClient:
+    """A WebSocket client on a bare socket with a tiny receive buffer that sends one message
+    and then stops reading, like a stalled phone. (Client libraries keep draining the socket
+    in the background, which would hide the stall.)"""
+
+    def __init__(self, port: int, token: str) -> None:
+        # A small receive buffer, set before connecting so the TCP window stays small; not so
+        # small that reading it later crawls on delayed acknowledgements.
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+            ).encode()
+        )
+        self.data = bytearray()
+        while b"\r\n\r\n" not in self.data:  # the 101 response, before any frame is sent
+            self.data += self.sock.recv(4096)
+        assert self.data.startswith(b"HTTP/1.1 101"), bytes(self.data[:100])
+
+    def send(self, message: dict[str, Any]) -> None:
+        payload, mask = json.dumps(message).encode(), os.urandom(4)
+        assert len(payload) < 126
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    def close_code(self) -> int:
+        """Read on until the server's close frame arrives; its code."""
+        self.sock.settimeout(30)
+        while True:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                return -1
+            self.data += chunk
+            if (code := _close_frame_code(self.data)) is not None:
+                return code
+
+
+def _close_frame_code(data: bytearray) -> int | None:
+    body = memoryview(data)[data.index(b"\r\n\r\n") + 4 :]
+    while len(body) >= 2:
+        opcode, length, offset = body[0] & 0x0F, body[1] & 0x7F, 2
+        if length == 126:
+            length, offset = int.from_bytes(body[2:4], "big"), 4
+        elif length == 127:
+            length, offset = int.from_bytes(body[2:10], "big"), 10
+        if len(body) < offset + length:
+            return None  # the rest has not arrived yet
+        if opcode == 0x8:
+            return int.from_bytes(body[offset : offset + 2], "big")
+        body = body[offset + length :]
+    return None
+
+
+async def test_a_client_that_stops_reading_is_closed_1013_and_never_stalls_others(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    server = spawn(SEND_QUEUE_SIZE="8")
+    # More than the kernel's socket buffers (up to 4 MiB here) can absorb for one connection.
+    size = 5_000_000
+    flood = fake_llm.script(f"T{uuid.uuid4().hex[:8]}", Text("x" * size, chunk=50_000))
+    slow_user = unique_user("slow")
+    slow = await asyncio.to_thread(RawSlowClient, server.port, make_token(slow_user))
+    slow.send({"type": "user_message", "content": f"flood me {flood}"})
+    async with server.connect(unique_user("fast")) as fast:
+        started = await fast.ask("are you still answering others?")
+        events = await fast.run_events(started["run_id"])
+    assert events[-1]["type"] == "agent_completed"
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        for _ in range(300):
+            metrics = (await http.get("/metrics")).text
+            if "parley_send_queue_overflows_total 1.0" in metrics:
+                break
+            await asyncio.sleep(0.1)
+    assert "parley_send_queue_overflows_total 1.0" in metrics
+    assert await asyncio.to_thread(slow.close_code) == 1013
+    # Nothing was lost: the slow user reconnects, resumes and gets the whole run.
+    headers = {"Authorization": f"Bearer {make_token(slow_user)}"}
+    async with httpx.AsyncClient(base_url=server.http, headers=headers) as http:
+        threads = (await http.get("/api/threads")).json()["threads"]
+    async with server.connect(slow_user, max_size=None) as again:
+        await again.send({"type": "resume", "thread_id": threads[0]["id"], "after_seq": 0})
+        # The replay, then (if the run is still going) live events: read to the terminal one.
+        text = []
+        while (frame := await again.recv(timeout=30))["type"] != "agent_completed":
+            if frame["type"] == "agent_message_delta":
+                text.append(frame["text"])
+    assert len("".join(text)) == size

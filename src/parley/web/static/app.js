@@ -21,6 +21,7 @@ const state = {
   pendingText: new Map(),   // client_message_id -> text sent, until accepted
   runs: new Map(),          // run_id -> its view
   activeRuns: new Set(),
+  pending: new Map(),       // thread_id -> Map(seq -> event) waiting behind a gap
 };
 
 function el(tag, className, text) {
@@ -98,8 +99,13 @@ function handle(frame) {
       return;
     case "message_accepted":
       return accepted(frame);
-    case "resume_complete":
+    case "resume_complete": {
+      // Whatever still waits behind a gap the replay could not fill: show it now, in order.
+      const waiting = state.pending.get(frame.thread_id) || new Map();
+      state.pending.delete(frame.thread_id);
+      for (const seq of [...waiting.keys()].sort((a, b) => a - b)) runEvent(waiting.get(seq), true);
       return;
+    }
     case "error":
       setStatus(`Error ${frame.code}: ${frame.message}`);
       if (frame.client_message_id) state.pendingText.delete(frame.client_message_id);
@@ -200,11 +206,24 @@ function updateButtons() {
 
 // ---------------------------------------------------------------- the timeline
 
-function runEvent(event) {
+function runEvent(event, force = false) {
   if (event.thread_id !== state.currentThread) return;
   const last = state.lastSeq.get(event.thread_id) || 0;
   if (event.seq <= last) return; // already on screen
+  if (event.seq > last + 1 && !force) {
+    // A gap (a reconnect can deliver live events before the replay): wait for the replay.
+    if (!state.pending.has(event.thread_id)) state.pending.set(event.thread_id, new Map());
+    state.pending.get(event.thread_id).set(event.seq, event);
+    return;
+  }
   state.lastSeq.set(event.thread_id, event.seq);
+  render(event);
+  const waiting = state.pending.get(event.thread_id);
+  const next = waiting && waiting.get(event.seq + 1);
+  if (next) { waiting.delete(next.seq); runEvent(next); }
+}
+
+function render(event) {
   const view = runView(event.run_id);
   const add = (className, text) => {
     const entry = el("li", `entry ${className}`, text);
