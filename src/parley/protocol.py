@@ -238,7 +238,6 @@ class AgentCancelled(RunEvent):
 
 
 TerminalEvent = AgentCompleted | AgentError | AgentCancelled
-TERMINAL_TYPES = frozenset({"agent_completed", "agent_error", "agent_cancelled"})
 
 ServerMessage = Annotated[
     SystemMessage

@@ -181,10 +181,6 @@ class Transport:
     def authenticator(self) -> Authenticator:
         return self._auth
 
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)
-
     # ------------------------------------------------------------------ handshake
 
     async def handle(self, ws: WebSocket) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -17,8 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from parley.store.models import Event, Message, Run, Thread, User, utcnow
 
 THREAD_TITLE_CHARS = 80
-
-Owned = TypeVar("Owned", Thread, Run, Message)
 
 
 def new_id() -> str:
@@ -49,17 +46,13 @@ async def create_thread(session: AsyncSession, *, user_id: str, title: str) -> T
     return thread
 
 
-async def _owned(session: AsyncSession, model: type[Owned], key: str, user_id: str) -> Owned | None:
-    """The row with primary key `key` if it belongs to `user_id`; else None, whether it
-    exists for someone else or not at all."""
-    row = await session.get(model, key)
-    if row is None or row.user_id != user_id:
-        return None
-    return row
-
-
 async def get_thread(session: AsyncSession, *, user_id: str, thread_id: str) -> Thread | None:
-    return await _owned(session, Thread, thread_id, user_id)
+    """The thread if it belongs to `user_id`; else None, whether it exists for someone else
+    or not at all."""
+    thread = await session.get(Thread, thread_id)
+    if thread is None or thread.user_id != user_id:
+        return None
+    return thread
 
 
 async def list_threads(
@@ -163,10 +156,6 @@ async def create_run(
     )
     session.add(run)
     return run
-
-
-async def get_run(session: AsyncSession, *, user_id: str, run_id: str) -> Run | None:
-    return await _owned(session, Run, run_id, user_id)
 
 
 async def finish_run(
