@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -28,6 +29,8 @@ class Delivery(NamedTuple):
 
 
 Sink = Callable[[Delivery], None]
+# Control messages between instances (e.g. "stop run R of user U"), as small JSON objects.
+ControlHandler = Callable[[dict[str, str]], None]
 
 
 class Subscription(Protocol):
@@ -42,6 +45,8 @@ class EventBus(Protocol):
     async def ping(self) -> None: ...
     async def subscribe(self, user_id: str, sink: Sink) -> Subscription: ...
     async def publish(self, deliveries: Sequence[Delivery]) -> None: ...
+    def on_control(self, handler: ControlHandler) -> None: ...
+    async def publish_control(self, message: dict[str, str]) -> None: ...
 
 
 class _LocalFanout:
@@ -94,6 +99,14 @@ class InProcessBus:
 
     def __init__(self) -> None:
         self._fanout = _LocalFanout()
+        self._control: list[ControlHandler] = []
+
+    def on_control(self, handler: ControlHandler) -> None:
+        self._control.append(handler)
+
+    async def publish_control(self, message: dict[str, str]) -> None:
+        for handler in self._control:
+            handler(message)
 
     async def start(self) -> None:
         return None
@@ -114,6 +127,7 @@ class InProcessBus:
 
 
 _CHANNEL_PREFIX = "parley:events:"
+_CONTROL_CHANNEL = "parley:control"
 
 
 class RedisBus:
@@ -125,13 +139,21 @@ class RedisBus:
         )
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         self._fanout = _LocalFanout()
+        self._control: list[ControlHandler] = []
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
+    def on_control(self, handler: ControlHandler) -> None:
+        self._control.append(handler)
+
+    async def publish_control(self, message: dict[str, str]) -> None:
+        await self._client.publish(_CONTROL_CHANNEL, json.dumps(message))
+
     async def start(self) -> None:
         await self._client.ping()
-        # A pub/sub connection with no channel cannot be read from, so it always holds one.
-        await self._pubsub.subscribe("parley:keepalive")
+        # Always subscribed to the control channel (a pub/sub connection with no channel
+        # could not be read from anyway).
+        await self._pubsub.subscribe(_CONTROL_CHANNEL)
         self._reader = asyncio.create_task(self._read_forever(), name="redis-bus-reader")
 
     async def close(self) -> None:
@@ -176,9 +198,24 @@ class RedisBus:
             if message is None or message.get("type") != "message":
                 continue
             channel = _decode(message["channel"])
+            if channel == _CONTROL_CHANNEL:
+                self._dispatch_control(_decode(message["data"]))
+                continue
             thread_id, seq, frame = _decode(message["data"]).split("\n", 2)
             user_id = channel.removeprefix(_CHANNEL_PREFIX)
             self._fanout.deliver(Delivery(user_id, thread_id, int(seq), frame))
+
+    def _dispatch_control(self, data: str) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            log.warning("bus.bad_control_message")
+            return
+        for handler in self._control:
+            try:
+                handler(message)
+            except Exception:
+                log.exception("bus.control_handler_failed")
 
 
 def _decode(value: bytes | str) -> str:

@@ -275,6 +275,7 @@ async def _supervisor_phase(ctx: _Context) -> Supervisor:
     supervisor = Supervisor(
         db=db,
         event_log=event_log,
+        bus=ctx.need("event_bus"),
         agents=agents,
         llm=llm,
         limits=Limits(
@@ -334,7 +335,7 @@ PHASES: tuple[Phase, ...] = (
     Phase("tools", ("settings",), _tools_phase),
     Phase(
         "supervisor",
-        ("settings", "database", "event_log", "llm", "tools"),
+        ("settings", "database", "event_bus", "event_log", "llm", "tools"),
         _supervisor_phase,
         retry_transient=True,
     ),

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from parley.agents import AgentRegistry
 from parley.agents.runner import AgentOutcome, history_to_messages, run_agent
+from parley.bus import EventBus, InProcessBus
 from parley.counters import PerUserCounter
 from parley.errors import (
     NotFound,
@@ -92,6 +93,7 @@ class Supervisor:
         *,
         db: Database,
         event_log: EventLog,
+        bus: EventBus,
         agents: AgentRegistry,
         llm: LLMManager,
         limits: Limits,
@@ -101,6 +103,7 @@ class Supervisor:
         for name, dependency in (
             ("db", db),
             ("event_log", event_log),
+            ("bus", bus),
             ("agents", agents),
             ("llm", llm),
         ):
@@ -108,6 +111,8 @@ class Supervisor:
                 raise ValueError(f"supervisor dependency {name!r} is missing")
         self._db = db
         self._log = event_log
+        self._bus = bus
+        bus.on_control(self._on_control)
         self._agents = agents
         self._llm = llm
         self._limits = limits
@@ -229,11 +234,29 @@ class Supervisor:
 
     # ------------------------------------------------------------------ control
 
-    def stop(self, user_id: str, run_id: str, reason: str = "user_requested") -> None:
+    async def stop(self, user_id: str, run_id: str, reason: str = "user_requested") -> None:
+        """Cancel a running run of this user, on this instance or (through the bus) another."""
         run = self._runs.get(run_id)
-        if run is None or run.user_id != user_id:
-            raise NotFound(f"run {run_id} not found or already finished")
-        self._cancel(run, reason)
+        if run is not None and run.user_id == user_id:
+            self._cancel(run, reason)
+            return
+        not_found = NotFound(f"run {run_id} not found or already finished")
+        if self._bus.name == InProcessBus.name:
+            raise not_found  # no other instance can be running it
+        async with self._db.read() as session:
+            stored = await queries.get_run(session, user_id=user_id, run_id=run_id)
+        if stored is None or stored.status != "running":
+            raise not_found
+        await self._bus.publish_control(
+            {"type": "stop_run", "run_id": run_id, "user_id": user_id, "reason": reason}
+        )
+
+    def _on_control(self, message: dict[str, str]) -> None:
+        if message.get("type") != "stop_run":
+            return
+        run = self._runs.get(message.get("run_id", ""))
+        if run is not None and run.user_id == message.get("user_id"):
+            self._cancel(run, message.get("reason") or "user_requested")
 
     def _cancel(self, run: _Run, reason: str) -> None:
         if run.cancel_reason is None:

@@ -326,7 +326,7 @@ class Transport:
             await self._user_message(connection, message)
         elif isinstance(message, StopAgent):
             try:
-                self._supervisor.stop(connection.user_id, message.run_id)
+                await self._supervisor.stop(connection.user_id, message.run_id)
             except ParleyError as exc:
                 self._error(connection, exc.code, exc.message)
         elif isinstance(message, Resume):

@@ -82,3 +82,23 @@ async def test_concurrent_runs_in_one_thread_on_two_instances_keep_seq_dense_and
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
     assert len({e["event_id"] for e in events}) == len(events)
+
+
+async def test_stop_agent_on_one_instance_cancels_a_run_on_the_other(
+    spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
+) -> None:
+    shared = {"DATABASE_URL": postgres_url, "REDIS_URL": redis_url}
+    a = spawn(**shared)
+    b = spawn(**shared)
+    t = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("tick " * 300, chunk=5, delay_s=0.05))
+    user = unique_user()
+    async with a.connect(user) as on_a, b.connect(user) as on_b:
+        accepted = await on_a.ask(f"count {t}")
+        await on_a.recv_type("agent_message_delta")
+        await on_b.send({"type": "stop_agent", "run_id": accepted["run_id"]})
+        events = await on_a.run_events(accepted["run_id"])
+        await on_b.send({"type": "stop_agent", "run_id": accepted["run_id"]})
+        finished = await on_b.recv_type("error")
+    assert events[-1]["type"] == "agent_cancelled"
+    assert events[-1]["reason"] == "user_requested"
+    assert finished["code"] == "not_found"

@@ -158,6 +158,14 @@ async def create_run(
     return run
 
 
+async def get_run(session: AsyncSession, *, user_id: str, run_id: str) -> Run | None:
+    """The run if it belongs to `user_id`; else None, like `get_thread`."""
+    run = await session.get(Run, run_id)
+    if run is None or run.user_id != user_id:
+        return None
+    return run
+
+
 async def finish_run(
     session: AsyncSession,
     *,
