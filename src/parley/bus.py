@@ -39,6 +39,8 @@ class Subscription(Protocol):
 
 class EventBus(Protocol):
     name: str
+    # Whether other Parley instances publish and listen on this bus too.
+    spans_instances: bool
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -96,6 +98,7 @@ class _LocalSubscription:
 
 class InProcessBus:
     name = "in_process"
+    spans_instances = False
 
     def __init__(self) -> None:
         self._fanout = _LocalFanout()
@@ -132,6 +135,7 @@ _CONTROL_CHANNEL = "parley:control"
 
 class RedisBus:
     name = "redis"
+    spans_instances = True
 
     def __init__(self, url: str) -> None:
         self._client: aioredis.Redis = aioredis.Redis.from_url(

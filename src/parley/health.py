@@ -32,14 +32,11 @@ class Readiness:
     async def check(self) -> tuple[bool, dict[str, Any]]:
         async with self._lock:
             now = time.monotonic()
-            fresh = self._cached is not None and now - self._cached[0] < CACHE_S
+            cached = self._cached
             # Draining turns readiness off at once: a cached "ready" must not outlive SIGTERM.
-            if (
-                self._cached is not None
-                and fresh
-                and not (self._state.draining and self._cached[1])
-            ):
-                return self._cached[1], self._cached[2]
+            stale_ready = cached is not None and self._state.draining and cached[1]
+            if cached is not None and now - cached[0] < CACHE_S and not stale_ready:
+                return cached[1], cached[2]
             components = {
                 "database": await _probe(
                     self._c.db.ping, backend=self._c.db.url.get_backend_name()

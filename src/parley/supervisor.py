@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from parley.agents import AgentRegistry
 from parley.agents.runner import AgentOutcome, history_to_messages, run_agent
-from parley.bus import EventBus, InProcessBus
+from parley.bus import EventBus
 from parley.counters import PerUserCounter
 from parley.errors import (
     NotFound,
@@ -241,7 +241,7 @@ class Supervisor:
             self._cancel(run, reason)
             return
         not_found = NotFound(f"run {run_id} not found or already finished")
-        if self._bus.name == InProcessBus.name:
+        if not self._bus.spans_instances:
             raise not_found  # no other instance can be running it
         async with self._db.read() as session:
             stored = await queries.get_run(session, user_id=user_id, run_id=run_id)

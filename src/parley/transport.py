@@ -236,8 +236,8 @@ class Transport:
         )
         subscription = await self._bus.subscribe(connection.user_id, connection.deliver)
         try:
+            release = asyncio.get_running_loop().call_later(RESUME_HOLD_S, connection.release_held)
             tasks = [
-                asyncio.create_task(self._release_held_later(connection)),
                 asyncio.create_task(self._receive(connection)),
                 asyncio.create_task(self._send(connection)),
                 asyncio.create_task(self._heartbeat(connection)),
@@ -246,6 +246,7 @@ class Transport:
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                release.cancel()
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -256,12 +257,7 @@ class Transport:
         finally:
             await subscription.close()
 
-    # ------------------------------------------------------------------ the loops
-
-    async def _release_held_later(self, connection: _Connection) -> None:
-        await asyncio.sleep(RESUME_HOLD_S)
-        connection.release_held()
-        await asyncio.Event().wait()  # stay pending like the other loops
+    # ------------------------------------------------------------------ the three loops
 
     async def _send(self, connection: _Connection) -> None:
         while True:
