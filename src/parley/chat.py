@@ -74,11 +74,17 @@ class ChatClient:
             except (OSError, ConnectionClosed, InvalidStatus) as exc:
                 code = exc.rcvd.code if isinstance(exc, ConnectionClosed) and exc.rcvd else None
                 if code in (4401, 4403):
-                    self._fatal = "the server refused this token" if code == 4401 else "origin"
+                    self._fatal = (
+                        "the server refused this token"
+                        if code == 4401
+                        else "the server does not allow this client's origin"
+                    )
                     await self._events.put({"type": "_fatal"})
                     return
-                self._connected.clear()
-                self._console.print(f"[yellow]connection lost; reconnecting in {delay:g}s…[/]")
+            # Also after a clean close (1001 when the server shuts down), which ends the
+            # receive loop without an exception.
+            self._connected.clear()
+            self._console.print(f"[yellow]connection lost; reconnecting in {delay:g}s…[/]")
             self._ws = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)

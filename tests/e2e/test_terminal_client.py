@@ -12,7 +12,7 @@ import pexpect
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Text, ToolCall
-from tests.harness import CuttingProxy, make_token
+from tests.harness import CuttingProxy, ServerProcess, make_token
 
 
 def chat(url: str, user: str) -> pexpect.spawn:
@@ -86,3 +86,19 @@ async def test_chat_reconnects_and_resumes_without_losing_or_repeating_text(
     for word in words.split():
         found = len(re.findall(rf"(?<![\w-]){re.escape(word)}(?![\w-])", transcript))
         assert found == 1, f"{word!r} shown {found} times"
+
+
+async def test_chat_reconnects_after_the_server_restarts(spawn: SpawnServer) -> None:
+    server = spawn()
+    child = chat(server.ws_url, "restart-user")
+    assert server.stop() == 0  # a clean shutdown: the client gets close 1001
+    await expect(child, "connection lost")
+    again = ServerProcess(server.env, server.port).start()
+    try:
+        await expect(child, "connected as restart-user")
+        child.sendline("still there?")
+        await expect(child, "echo: still there?")
+        await expect(child, "completed")
+    finally:
+        again.stop()
+        child.terminate(force=True)
