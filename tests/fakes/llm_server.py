@@ -74,6 +74,8 @@ class FakeLLM:
     requests: list[dict[str, Any]] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 0
+    # When set, every request must carry `Authorization: Bearer <api_key>`, else 401.
+    api_key: str | None = None
     _server: uvicorn.Server | None = None
     _thread: threading.Thread | None = None
 
@@ -92,7 +94,8 @@ class FakeLLM:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.port = _free_port()
+        # A restart after stop() keeps the port: a provider that went away and came back.
+        self.port = self.port or _free_port()
         config = uvicorn.Config(
             _build_app(self), host=self.host, port=self.port, log_level="warning", lifespan="off"
         )
@@ -151,8 +154,17 @@ def _choose_turn(fake: FakeLLM, body: dict[str, Any]) -> Turn:
     return Text(f"echo: {text}")
 
 
+def _refuse_key(fake: FakeLLM, request: Request) -> Response | None:
+    if fake.api_key is None or request.headers.get("authorization") == f"Bearer {fake.api_key}":
+        return None
+    error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
+    return JSONResponse({"error": {**error, "code": "invalid_api_key"}}, status_code=401)
+
+
 def _build_app(fake: FakeLLM) -> Starlette:
     async def completions(request: Request) -> Response:
+        if (refused := _refuse_key(fake, request)) is not None:
+            return refused
         body = await request.json()
         fake.requests.append(body)
         turn = _choose_turn(fake, body)
@@ -168,6 +180,8 @@ def _build_app(fake: FakeLLM) -> Starlette:
         return JSONResponse(_completion(turn, model))
 
     async def models(request: Request) -> Response:
+        if (refused := _refuse_key(fake, request)) is not None:
+            return refused
         return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
     return Starlette(
