@@ -76,6 +76,10 @@ class FakeLLM:
     port: int = 0
     # When set, every request must carry `Authorization: Bearer <api_key>`, else 401.
     api_key: str | None = None
+    # When set, /models lists exactly these and a completion for another model gets 404.
+    models: list[str] | None = None
+    # False: /models answers 404, as on providers that do not list their models.
+    lists_models: bool = True
     _server: uvicorn.Server | None = None
     _thread: threading.Thread | None = None
 
@@ -166,6 +170,9 @@ def _build_app(fake: FakeLLM) -> Starlette:
         if (refused := _refuse_key(fake, request)) is not None:
             return refused
         body = await request.json()
+        if fake.models is not None and body.get("model") not in fake.models:
+            error = {"message": "The model does not exist", "code": "model_not_found"}
+            return JSONResponse({"error": error}, status_code=404)
         fake.requests.append(body)
         turn = _choose_turn(fake, body)
         if isinstance(turn, Hang):
@@ -182,7 +189,11 @@ def _build_app(fake: FakeLLM) -> Starlette:
     async def models(request: Request) -> Response:
         if (refused := _refuse_key(fake, request)) is not None:
             return refused
-        return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+        if not fake.lists_models:
+            return JSONResponse({"error": {"message": "not found"}}, status_code=404)
+        names = fake.models if fake.models is not None else ["fake-model"]
+        data = [{"id": name, "object": "model"} for name in names]
+        return JSONResponse({"object": "list", "data": data})
 
     return Starlette(
         routes=[
