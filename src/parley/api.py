@@ -8,10 +8,11 @@ the closures' parameters, which string annotations would hide.
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 
 from parley.auth import Authenticator
 from parley.errors import ParleyError
+from parley.protocol import MAX_SEQ, Identifier
 from parley.store import queries
 from parley.store.db import Database
 
@@ -30,6 +31,8 @@ def build_router(*, authenticator: Authenticator, db: Database) -> APIRouter:
         return identity.user_id
 
     User = Annotated[str, Depends(current_user)]
+    # The same bounds as on the WebSocket: no NUL, no lone surrogate, at most 64 characters.
+    ThreadId = Annotated[Identifier, Path()]
     router = APIRouter(prefix="/api")
 
     async def owned_thread(user_id: str, thread_id: str) -> None:
@@ -55,7 +58,7 @@ def build_router(*, authenticator: Authenticator, db: Database) -> APIRouter:
         }
 
     @router.get("/threads/{thread_id}/messages")
-    async def list_messages(thread_id: str, user_id: User) -> dict[str, Any]:
+    async def list_messages(thread_id: ThreadId, user_id: User) -> dict[str, Any]:
         await owned_thread(user_id, thread_id)
         async with db.read() as session:
             messages = await queries.list_messages(session, thread_id=thread_id)
@@ -76,9 +79,9 @@ def build_router(*, authenticator: Authenticator, db: Database) -> APIRouter:
 
     @router.get("/threads/{thread_id}/events")
     async def list_events(
-        thread_id: str,
+        thread_id: ThreadId,
         user_id: User,
-        after_seq: Annotated[int, Query(ge=0)] = 0,
+        after_seq: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
         limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PAGE)] = MAX_EVENTS_PAGE,
     ) -> dict[str, Any]:
         await owned_thread(user_id, thread_id)

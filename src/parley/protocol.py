@@ -3,16 +3,20 @@
 This module is the single source of the format. Client frames are parsed once at the edge by
 `parse_client_message`, which turns every malformed input into a `ProtocolViolation` carrying
 the protocol error code (`invalid_json`, `invalid_message`, `unknown_type`) and a message that
-names the offending field.
+names the offending field. Every value a client sends is bounded to what every supported
+database can store: strings hold no NUL and no lone surrogate, integers fit the column they
+are compared with, and JSON nests at most `MAX_JSON_DEPTH` levels.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +28,13 @@ from pydantic import (
 
 PROTOCOL_VERSION = "parley.v1"
 MAX_CONTENT_CHARS = 32000
+# `seq` is an INTEGER column: 32 bits on PostgreSQL, so that is the largest `after_seq` any
+# backend can compare with (a thread never gets near two billion events).
+MAX_SEQ = 2**31 - 1
+# A client message is a flat object; this leaves room for nested extension fields while
+# keeping the parser far from Python's recursion limit.
+MAX_JSON_DEPTH = 32
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 def utc_now_iso() -> str:
@@ -33,6 +44,22 @@ def utc_now_iso() -> str:
 # --------------------------------------------------------------------------- client messages
 
 
+def _storable(value: str) -> str:
+    # PostgreSQL cannot store NUL in text, and no database can store a lone surrogate (it is
+    # not encodable as UTF-8): refuse both here, alike on every backend.
+    found = _UNSTORABLE.search(value)
+    if found is not None:
+        what = "a NUL character" if found.group() == "\x00" else "a lone surrogate"
+        raise ValueError(f"must not contain {what} (at index {found.start()})")
+    return value
+
+
+_Storable = AfterValidator(_storable)
+Content = Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS), _Storable]
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=64), _Storable]
+ClientMessageId = Annotated[StrictStr, Field(min_length=1, max_length=128), _Storable]
+
+
 class _ClientMessage(BaseModel):
     # Unknown extra fields are ignored so that newer clients keep working with this server.
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -40,21 +67,21 @@ class _ClientMessage(BaseModel):
 
 class UserMessage(_ClientMessage):
     type: Literal["user_message"]
-    content: Annotated[StrictStr, Field(min_length=1, max_length=MAX_CONTENT_CHARS)]
-    thread_id: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
-    client_message_id: Annotated[StrictStr, Field(min_length=1, max_length=128)] | None = None
-    agent: Annotated[StrictStr, Field(min_length=1, max_length=64)] | None = None
+    content: Content
+    thread_id: Identifier | None = None
+    client_message_id: ClientMessageId | None = None
+    agent: Identifier | None = None
 
 
 class StopAgent(_ClientMessage):
     type: Literal["stop_agent"]
-    run_id: Annotated[StrictStr, Field(min_length=1, max_length=64)]
+    run_id: Identifier
 
 
 class Resume(_ClientMessage):
     type: Literal["resume"]
-    thread_id: Annotated[StrictStr, Field(min_length=1, max_length=64)]
-    after_seq: Annotated[StrictInt, Field(ge=0)]
+    thread_id: Identifier
+    after_seq: Annotated[StrictInt, Field(ge=0, le=MAX_SEQ)]
 
 
 class Ping(_ClientMessage):
@@ -82,10 +109,19 @@ class ProtocolViolation(Exception):
 
 
 def parse_client_message(text: str) -> ClientMessage:
+    """The typed message in `text`; every other outcome is a `ProtocolViolation`."""
+    too_deep = ProtocolViolation(
+        "invalid_json", f"frame is nested deeper than {MAX_JSON_DEPTH} levels"
+    )
     try:
-        data = json.loads(text)
-    except ValueError as exc:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:  # the C parser hit the interpreter's recursion limit
+        raise too_deep from None
+    except ValueError as exc:  # also numbers over Python's 4300-digit limit
         raise ProtocolViolation("invalid_json", f"frame is not valid JSON: {exc}") from None
+    # Counting brackets is cheap; only a frame with many of them is walked.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(data, MAX_JSON_DEPTH):
+        raise too_deep
     if not isinstance(data, dict):
         raise ProtocolViolation("invalid_message", "a message must be a JSON object")
     kind = data.get("type")
@@ -93,11 +129,28 @@ def parse_client_message(text: str) -> ClientMessage:
         raise ProtocolViolation("invalid_message", "field 'type' is required and must be a string")
     if kind not in CLIENT_TYPES:
         known = ", ".join(sorted(CLIENT_TYPES))
-        raise ProtocolViolation("unknown_type", f"unknown message type {kind!r}; known: {known}")
+        shown = repr(kind) if len(kind) <= 64 else repr(kind[:64]) + "…"
+        raise ProtocolViolation("unknown_type", f"unknown message type {shown}; known: {known}")
     try:
         return _client_adapter.validate_python(data)
     except ValidationError as exc:
         raise ProtocolViolation("invalid_message", _describe(exc)) from None
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _describe(exc: ValidationError) -> str:

@@ -1,0 +1,161 @@
+"""Hostile and careless input against a real server: every bad frame or request gets a clear,
+documented answer, the connection stays open, and nothing reaches the database that it cannot
+store. On SQLite and on PostgreSQL alike (issue 14)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import SpawnServer
+from tests.harness import Client, ServerProcess, unique_user
+
+MAX_SEQ = 2**31 - 1  # docs/protocol.md: the largest seq any backend's INTEGER column holds
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_db(request: pytest.FixtureRequest, spawn: SpawnServer) -> ServerProcess:
+    """A server on SQLite (the module's shared one) or on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        shared: ServerProcess = request.getfixturevalue("server")
+        return shared
+    return spawn(DATABASE_URL=request.getfixturevalue("postgres_url"))
+
+
+async def refused(client: Client, frame: dict[str, Any] | str, code: str) -> dict[str, Any]:
+    """Send `frame`, expect `error code`, and check that the connection still answers."""
+    await client.send(frame)
+    answer = await client.recv()
+    assert answer["type"] == "error", answer
+    assert answer["code"] == code, answer
+    await client.send({"type": "ping"})
+    assert (await client.recv())["type"] == "pong"
+    return answer
+
+
+def assert_no_traceback(server: ServerProcess) -> None:
+    log = server.read_log()
+    assert "Traceback" not in log, log[-4000:]
+    assert "ERROR" not in log, log[-4000:]
+
+
+# --------------------------------------------------------------------------- row 1: depth
+
+
+async def test_json_nested_32000_levels_gets_invalid_json_and_the_socket_stays_open(
+    server: ServerProcess,
+) -> None:
+    async with server.connect(unique_user()) as client:
+        for frame in ("[" * 32000 + "]" * 32000, '{"a":' * 10000 + "1" + "}" * 10000):
+            answer = await refused(client, frame, "invalid_json")
+            assert "nested" in answer["message"]
+        # Moderately deep but within the documented bound is still processed.
+        await client.send(json.dumps({"type": "ping", "ext": [[[[[[1]]]]]]}))
+        assert (await client.recv())["type"] == "pong"
+    assert_no_traceback(server)
+
+
+async def test_numbers_and_constants_json_cannot_hold_get_invalid_json(
+    server: ServerProcess,
+) -> None:
+    async with server.connect(unique_user()) as client:
+        await refused(client, '{"type": "ping", "x": NaN}', "invalid_json")
+        await refused(client, '{"type": "ping", "x": -Infinity}', "invalid_json")
+        await refused(client, '{"type": "ping", "x": ' + "9" * 5000 + "}", "invalid_json")
+    assert_no_traceback(server)
+
+
+# --------------------------------------------------------------------------- row 2: integers
+
+
+async def test_after_seq_beyond_what_the_database_holds_is_invalid_message(
+    any_db: ServerProcess,
+) -> None:
+    user = unique_user()
+    async with any_db.connect(user) as client:
+        accepted = await client.ask("hello")
+        await client.run_events(accepted["run_id"])
+        thread = accepted["thread_id"]
+        for after_seq in (MAX_SEQ + 1, 2**63 - 1, 2**63, 2**64, 10**40):
+            frame = {"type": "resume", "thread_id": thread, "after_seq": after_seq}
+            answer = await refused(client, frame, "invalid_message")
+            assert "after_seq" in answer["message"]
+        # The bound itself is accepted and compared with the stored seqs.
+        await client.send({"type": "resume", "thread_id": thread, "after_seq": MAX_SEQ})
+        answer = await client.recv()
+        assert (answer["type"], answer["thread_id"]) == ("resume_complete", thread), answer
+
+    headers = {"Authorization": f"Bearer {any_db.token(user)}"}
+    async with httpx.AsyncClient(base_url=any_db.http, headers=headers) as http:
+        events = f"/api/threads/{thread}/events"
+        for query in (
+            {"after_seq": str(2**63)},
+            {"after_seq": str(MAX_SEQ + 1)},
+            {"after_seq": str(10**40)},
+            {"limit": str(2**63)},
+            {"limit": str(10**40)},
+            {"limit": "-1"},
+        ):
+            response = await http.get(events, params=query)
+            assert response.status_code == 422, (query, response.text)
+        response = await http.get(events, params={"after_seq": str(MAX_SEQ)})
+        assert response.status_code == 200
+        assert response.json()["events"] == []
+    assert_no_traceback(any_db)
+
+
+# --------------------------------------------------------------------------- row 3: characters
+
+# JSON escapes (raw strings): the frames stay valid UTF-8 and valid JSON.
+UNSTORABLE = {"nul": r"a\u0000b", "lone_surrogate": r"a\ud800b", "low_surrogate": r"\udfff"}
+
+
+def _frames(bad: str) -> list[tuple[str, str]]:
+    """(raw JSON frame, field) with `bad` in each client string the server uses; `bad` is
+    a JSON escape, so the frame itself is valid UTF-8 and valid JSON."""
+    good_thread = '"thread_id": "00000000-0000-0000-0000-000000000000"'
+    return [
+        (f'{{"type": "user_message", "content": "{bad}"}}', "content"),
+        (
+            f'{{"type": "user_message", "content": "hi", "client_message_id": "{bad}"}}',
+            "client_message_id",
+        ),
+        (f'{{"type": "user_message", "content": "hi", "thread_id": "{bad}"}}', "thread_id"),
+        (f'{{"type": "user_message", "content": "hi", "agent": "{bad}"}}', "agent"),
+        (f'{{"type": "stop_agent", "run_id": "{bad}"}}', "run_id"),
+        (f'{{"type": "resume", "thread_id": "{bad}", "after_seq": 0}}', "thread_id"),
+        (f'{{"type": "resume", {good_thread}, "after_seq": 0, "x": "{bad}"}}', ""),
+    ]
+
+
+@pytest.mark.parametrize("bad", list(UNSTORABLE.values()), ids=list(UNSTORABLE))
+async def test_unstorable_characters_are_invalid_message_naming_the_field(
+    any_db: ServerProcess, bad: str
+) -> None:
+    user = unique_user()
+    async with any_db.connect(user) as client:
+        for frame, field in _frames(bad):
+            if not field:
+                # An unknown extension field is ignored, never stored: this one is processed.
+                await client.send(frame)
+                assert (await client.recv())["code"] == "not_found"
+                continue
+            answer = await refused(client, frame, "invalid_message")
+            assert f"field '{field}'" in answer["message"], (frame, answer)
+        # The same user can still post, and nothing of the refused frames was stored.
+        accepted = await client.ask("still here", client_message_id="ok-1")
+        assert accepted["type"] == "message_accepted"
+        assert (await client.run_events(accepted["run_id"]))[-1]["type"] == "agent_completed"
+    headers = {"Authorization": f"Bearer {any_db.token(user)}"}
+    async with httpx.AsyncClient(base_url=any_db.http, headers=headers) as http:
+        threads = (await http.get("/api/threads")).json()["threads"]
+        assert [t["title"] for t in threads] == ["still here"]
+        for path in ("/api/threads/a%00b/messages", "/api/threads/a%00b/events"):
+            response = await http.get(path)
+            assert response.status_code == 422, (path, response.text)
+        response = await http.get("/api/threads/" + "x" * 65 + "/messages")
+        assert response.status_code == 422
+    assert_no_traceback(any_db)
