@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from parley import __version__
+from parley import __version__, redact
 from parley.app import ParleyServer, create_app, drain
 from parley.auth import development_secret, mint_token
 from parley.config import Settings
@@ -82,6 +82,7 @@ def serve(
     """Run every startup phase, then serve HTTP and WebSocket until SIGTERM/SIGINT."""
     settings = _settings(host=host, port=port)
     configure_logging(level=settings.log_level, fmt=settings.effective_log_format)
+    redact.install()
     raise typer.Exit(_run(_serve(settings)))
 
 

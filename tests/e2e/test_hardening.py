@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SpawnServer
 from tests.harness import Client, ServerProcess, unique_user
@@ -159,3 +161,29 @@ async def test_unstorable_characters_are_invalid_message_naming_the_field(
         response = await http.get("/api/threads/" + "x" * 65 + "/messages")
         assert response.status_code == 422
     assert_no_traceback(any_db)
+
+
+# --------------------------------------------------------------------------- row 4: logs
+
+
+async def test_tokens_in_query_strings_and_headers_never_reach_the_log(spawn: SpawnServer) -> None:
+    server = spawn(LOG_LEVEL="DEBUG")  # the libraries log request lines and headers at DEBUG
+    token = server.token(unique_user())
+    signature = token.rsplit(".", 1)[1]
+    # A token in the query string is not a way to authenticate: refused, but never logged.
+    async with websockets.connect(f"{server.ws_url}?token={token}") as ws:
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await ws.recv()
+    async with websockets.connect(server.ws_url, subprotocols=["parley.v1", f"bearer.{token}"]):
+        pass
+    async with websockets.connect(
+        server.ws_url, additional_headers={"Authorization": f"Bearer {token}"}
+    ):
+        pass
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        await http.get(f"/health/live?token={token}")
+        await http.get(f"/api/threads?token={token}")
+    server.stop()
+    assert signature not in server.output
+    assert '"WebSocket /ws?[redacted]"' in server.output  # the handshake line is still there
