@@ -31,6 +31,7 @@ from parley.health import Readiness, ServingState
 from parley.observability import get_logger
 from parley.startup import Components
 from parley.web import STATIC_DIR
+from parley.web.security import SecurityHeaders
 
 log = get_logger(__name__)
 
@@ -54,11 +55,13 @@ def create_app(components: Components, state: ServingState | None = None) -> Fas
                 await watchdog
             await drain(components, state)
 
+    # The OpenAPI UI loads its assets from a CDN: development only (the schema is always there).
+    development = components.settings.environment.value == "development"
     app = FastAPI(
         title="Parley",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/api/docs",
+        docs_url="/api/docs" if development else None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
@@ -86,6 +89,7 @@ def create_app(components: Components, state: ServingState | None = None) -> Fas
     )
     # Last, so that every route above takes precedence over a static file of the same path.
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
+    app.add_middleware(SecurityHeaders, docs_path=app.docs_url)
     return app
 
 

@@ -5,6 +5,9 @@ store. On SQLite and on PostgreSQL alike (issue 14)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +16,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SpawnServer
-from tests.harness import Client, ServerProcess, unique_user
+from tests.harness import Client, ServerProcess, make_token, unique_user
 
 MAX_SEQ = 2**31 - 1  # docs/protocol.md: the largest seq any backend's INTEGER column holds
 
@@ -36,6 +39,11 @@ async def refused(client: Client, frame: dict[str, Any] | str, code: str) -> dic
     await client.send({"type": "ping"})
     assert (await client.recv())["type"] == "pong"
     return answer
+
+
+async def read_until_closed(ws: websockets.ClientConnection) -> None:
+    while True:
+        await ws.recv()
 
 
 def assert_no_traceback(server: ServerProcess) -> None:
@@ -173,8 +181,7 @@ async def test_tokens_in_query_strings_and_headers_never_reach_the_log(spawn: Sp
     # A token in the query string is not a way to authenticate: refused, but never logged.
     async with websockets.connect(f"{server.ws_url}?token={token}") as ws:
         with pytest.raises(ConnectionClosed):
-            while True:
-                await ws.recv()
+            await read_until_closed(ws)
     async with websockets.connect(server.ws_url, subprotocols=["parley.v1", f"bearer.{token}"]):
         pass
     async with websockets.connect(
@@ -187,3 +194,131 @@ async def test_tokens_in_query_strings_and_headers_never_reach_the_log(spawn: Sp
     server.stop()
     assert signature not in server.output
     assert '"WebSocket /ws?[redacted]"' in server.output  # the handshake line is still there
+
+
+# --------------------------------------------------------------------------- row 5: headers
+
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+}
+STATIC = Path(__file__).parents[2] / "src" / "parley" / "web" / "static"
+
+
+def csp(response: httpx.Response) -> dict[str, list[str]]:
+    policy = response.headers.get("content-security-policy", "")
+    directives = (part.split() for part in policy.split(";") if part.strip())
+    return {d[0]: d[1:] for d in directives}
+
+
+def assert_strict(response: httpx.Response) -> None:
+    where = f"{response.request.method} {response.request.url.path}"
+    for name, value in SECURITY_HEADERS.items():
+        assert response.headers.get(name) == value, (where, name, response.headers)
+    policy = csp(response)
+    assert policy.get("default-src") == ["'none'"], (where, policy)
+    assert policy.get("frame-ancestors") == ["'none'"], (where, policy)
+    for directive in ("script-src", "style-src", "connect-src", "img-src"):
+        assert policy.get(directive) == ["'self'"], (where, directive, policy)
+
+
+async def test_the_page_and_the_api_send_strict_security_headers(server: ServerProcess) -> None:
+    user = unique_user()
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        responses = [
+            await http.get(path)
+            for path in (
+                "/",
+                "/index.html",
+                "/app.js",
+                "/app.css",
+                "/missing.js",
+                "/health/live",
+                "/health/ready",
+                "/metrics",
+                "/api/threads",
+                "/api/openapi.json",
+            )
+        ]
+        headers = {"Authorization": f"Bearer {server.token(user)}"}
+        responses.append(await http.get("/api/threads", headers=headers))
+        responses.append(await http.get("/api/threads/x/events?after_seq=-1", headers=headers))
+        responses.append(await http.head("/"))
+        docs = await http.get("/api/docs")
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200, 200, 200, 200, 404, 200, 200, 200, 401, 200, 200, 422, 200]
+    for response in responses:
+        assert_strict(response)
+    # Outside development the OpenAPI UI (which loads its assets from a CDN) is off.
+    assert docs.status_code == 404
+    assert_strict(docs)
+
+
+def test_the_page_needs_nothing_its_policy_forbids() -> None:
+    """No inline script, inline style, event-handler attribute or off-site URL in the page."""
+    html = (STATIC / "index.html").read_text()
+    assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == []
+    assert re.findall(r"<style\b|\sstyle=|\son[a-z]+=", html) == []
+    for name in ("index.html", "app.js", "app.css"):
+        text = (STATIC / name).read_text()
+        assert re.findall(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text) == [], name
+    script = (STATIC / "app.js").read_text()
+    assert "eval(" not in script
+    assert "new Function" not in script
+    assert ".innerHTML" not in script
+
+
+async def test_api_docs_are_served_in_development_only_under_their_own_policy(
+    spawn: SpawnServer,
+) -> None:
+    server = spawn(ENVIRONMENT="development")
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        docs = await http.get("/api/docs")
+        page = await http.get("/")
+    assert docs.status_code == 200
+    policy = csp(docs)
+    assert policy["default-src"] == ["'none'"]
+    assert policy["frame-ancestors"] == ["'none'"]
+    assert policy["script-src"] == ["'unsafe-inline'", "https://cdn.jsdelivr.net"]
+    assert docs.headers["x-frame-options"] == "DENY"
+    assert_strict(page)
+
+
+async def test_the_page_runs_under_its_policy_in_chromium(server: ServerProcess) -> None:
+    chromium = "/usr/bin/chromium"
+    if not Path(chromium).exists():  # noqa: ASYNC240 - one stat before any traffic
+        if os.environ.get("CI") == "true":
+            pytest.fail("Debian's chromium is required under CI (.ci/run installs it)")
+        pytest.skip("chromium not installed")
+    from playwright.async_api import async_playwright, expect
+
+    violations: list[str] = []
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
+        )
+        try:
+            page = await browser.new_page()
+            page.on(
+                "console",
+                lambda m: violations.append(m.text) if "Content Security" in m.text else None,
+            )
+            await page.add_init_script(
+                "document.addEventListener('securitypolicyviolation', e =>"
+                " console.error('Content Security violation ' + e.violatedDirective))"
+            )
+            user = unique_user("csp")
+            await page.goto(f"{server.http}/#token={make_token(user)}")
+            await expect(page.locator("#status")).to_contain_text(f"Connected as {user}")
+            await page.get_by_label("Message").fill("hello under a strict policy")
+            await page.get_by_label("Message").press("Enter")
+            await expect(page.locator(".run .terminal.completed")).to_be_visible()
+            await expect(page.locator("#thread-list button")).to_have_count(1)  # fetch() worked
+            background = await page.locator("body").evaluate(
+                "b => getComputedStyle(b).backgroundColor"
+            )
+        finally:
+            await browser.close()
+    assert violations == []
+    assert background != "rgba(0, 0, 0, 0)"  # the stylesheet applied
