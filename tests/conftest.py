@@ -12,13 +12,23 @@ import asyncpg
 import pytest
 
 from tests.fakes.llm_server import FakeLLM
-from tests.harness import ServerProcess, base_env, free_port
+from tests.harness import ServerProcess, base_env
 
 SpawnServer = Callable[..., ServerProcess]
 
 
 @pytest.fixture(scope="session")
 def fake_llm() -> Iterator[FakeLLM]:
+    """One scripted LLM server per xdist worker; tests script it by unique trigger words."""
+    fake = FakeLLM()
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def private_llm() -> Iterator[FakeLLM]:
+    """A scripted LLM server of the test's own, for counting every request it sees."""
     fake = FakeLLM()
     fake.start()
     yield fake
@@ -44,7 +54,7 @@ def spawn(fake_llm: FakeLLM, tmp_path: Path) -> Iterator[SpawnServer]:
         *, wait_ready: bool = True, data_dir: Path | None = None, **env: str
     ) -> ServerProcess:
         directory = data_dir or tmp_path / f"server{len(started)}"
-        server = ServerProcess(base_env(directory, **{**llm_env(fake_llm), **env}), free_port())
+        server = ServerProcess(base_env(directory, **{**llm_env(fake_llm), **env}))
         started.append(server)
         return server.start(wait_ready=wait_ready)
 
@@ -57,9 +67,7 @@ def spawn(fake_llm: FakeLLM, tmp_path: Path) -> Iterator[SpawnServer]:
 def server(fake_llm: FakeLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One default server shared by a module's tests; each test uses its own users."""
     directory = tmp_path_factory.mktemp("shared-server")
-    process = ServerProcess(
-        base_env(directory, **llm_env(fake_llm), RATE_LIMIT_PER_MINUTE="1000"), free_port()
-    )
+    process = ServerProcess(base_env(directory, **llm_env(fake_llm), RATE_LIMIT_PER_MINUTE="1000"))
     process.start()
     yield process
     process.stop()

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,23 @@ INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "SYST
 
 
 def free_port() -> int:
+    """A port free right now. Racy (another process may bind it before you do): prefer letting
+    the server bind port 0 (`ServerProcess` does) or holding a socket (`refusing_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs: it is bound
+    (so nothing else can take it) but not listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+_LISTENING = re.compile(r"Uvicorn running on http://[^:]+:(\d+)")
 
 
 def make_token(user: str, *, secret: str = JWT_SECRET, ttl: int = 3600, **claims: Any) -> str:
@@ -59,6 +75,12 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         STARTUP_TIMEOUT_S="10",
     )
+    if "PYTHONPATH" in overrides and "PYTHONPATH" in env:
+        # A test's plugin directory comes first; the inherited path (the Parley under test) stays.
+        overrides = {
+            **overrides,
+            "PYTHONPATH": overrides["PYTHONPATH"] + os.pathsep + env["PYTHONPATH"],
+        }
     env.update(overrides)
     return env
 
@@ -69,8 +91,11 @@ def parley_command(*args: str) -> list[str]:
 
 @dataclass
 class ServerProcess:
+    """`parley serve` in a subprocess. With `port=0` (the default) the server binds a port the
+    kernel picks, and `start` reads which one from its log: no race with other processes."""
+
     env: dict[str, str]
-    port: int
+    port: int = 0
     proc: subprocess.Popen[str] | None = None
     log_path: Path | None = None
     output: str = ""
@@ -97,13 +122,26 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             text=True,
         )
-        if wait_ready:
-            try:
+        try:
+            if self.port == 0:
+                self.port = self._wait_listening(timeout)
+            if wait_ready:
                 self.wait_ready(timeout)
-            except BaseException:
-                self.stop()  # a fixture that fails here never reaches its teardown
-                raise
+        except BaseException:
+            self.stop()  # a fixture that fails here never reaches its teardown
+            raise
         return self
+
+    def _wait_listening(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if found := _LISTENING.search(self.read_log()):
+                return int(found.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.read_log()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"server did not listen in {timeout}s:\n{self.read_log()}")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -150,26 +188,78 @@ class ServerProcess:
             assert hello["type"] == "system_message", hello
             client.hello = hello
             yield client
+            # Not reached when the test body raised: its own failure is the one to report.
+            await client.settle()
+            client.check_runs()
 
 
 class Client:
-    """A test client: JSON in and out, with helpers to read until an event arrives."""
+    """A test client that records every frame it receives, pings included, in `frames`.
+
+    `recv`, `recv_type` and `ask` hand out frames one at a time as before, but nothing they
+    skip is lost: `frames` keeps the whole sequence for assertions. `run_events` returns every
+    live frame of a run seen on this connection. On leaving `ServerProcess.connect` the client
+    reads on for `SETTLE_S` after the last terminal event it saw and checks the run invariants
+    (`check_runs`): per run at most one terminal event and no frame after it, seqs increasing,
+    event ids unique, and every `resume` replay in order without duplicates.
+    """
+
+    SETTLE_S = 0.25
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.hello: dict[str, Any] = {}
+        self.frames: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []
+        self._next = 0  # index in `frames` of the next frame `recv` hands out
+        # Per frame: the number of the resume replay window it arrived in, or None (live).
+        self._window_of: list[int | None] = []
+        self._open_windows: dict[str, int] = {}  # thread id -> window number
+        self._windows_sent = 0
+        self._last_terminal_at = 0.0
 
     async def send(self, message: dict[str, Any] | str) -> None:
-        await self.ws.send(message if isinstance(message, str) else json.dumps(message))
+        text = message if isinstance(message, str) else json.dumps(message)
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(text)
+            if isinstance(parsed, dict):
+                self.sent.append(parsed)
+                if parsed.get("type") == "resume" and isinstance(parsed.get("thread_id"), str):
+                    self._windows_sent += 1
+                    self._open_windows[parsed["thread_id"]] = self._windows_sent
+        await self.ws.send(text)
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        """Read one frame from the socket and record it (answering a ping)."""
+        frame = dict(json.loads(await asyncio.wait_for(self.ws.recv(), timeout)))
+        thread = frame.get("thread_id")
+        window = self._open_windows.get(thread) if "seq" in frame else None  # type: ignore[arg-type]
+        self.frames.append(frame)
+        self._window_of.append(window)
+        if frame["type"] == "resume_complete":
+            self._open_windows.pop(frame.get("thread_id"), None)  # type: ignore[arg-type]
+        elif frame["type"] == "error" and frame.get("code") == "not_found":
+            # A refused resume opens no replay: forget windows that have received nothing.
+            used = set(self._window_of)
+            for key, number in list(self._open_windows.items()):
+                if number not in used:
+                    del self._open_windows[key]
+        if frame["type"] in TERMINAL and window is None:
+            self._last_terminal_at = time.monotonic()
+        if frame["type"] == "ping":
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self.send({"type": "pong"})
+        return frame
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next frame not handed out yet, pings skipped (but answered and recorded)."""
         while True:
-            raw = await asyncio.wait_for(self.ws.recv(), timeout)
-            frame = json.loads(raw)
-            if frame["type"] == "ping":
-                await self.send({"type": "pong"})
-                continue
-            return dict(frame)
+            if self._next >= len(self.frames):
+                await self._read(timeout)
+            frame = self.frames[self._next]
+            self._next += 1
+            if frame["type"] != "ping":
+                return frame
 
     async def recv_type(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
         while True:
@@ -185,16 +275,78 @@ class Client:
             if frame["type"] in ("message_accepted", "error"):
                 return frame
 
+    def events_of(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's events received so far, live or replayed, each once, in arrival order."""
+        seen: set[str] = set()
+        events = []
+        for frame in self.frames:
+            if frame.get("run_id") == run_id and "seq" in frame and frame["event_id"] not in seen:
+                seen.add(frame["event_id"])
+                events.append(frame)
+        return events
+
     async def run_events(self, run_id: str, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Every event of `run_id` up to and including its terminal event."""
-        events: list[dict[str, Any]] = []
+        """Every live event of `run_id` on this connection, up to and including its terminal
+        event (also those an earlier `recv` handed out). Exactly one terminal, and it is last."""
         deadline = time.monotonic() + timeout
         while True:
-            frame = await self.recv(max(0.1, deadline - time.monotonic()))
-            if frame.get("run_id") == run_id and "seq" in frame:
-                events.append(frame)
-                if frame["type"] in TERMINAL:
-                    return events
+            events = self.events_of(run_id)
+            if any(e["type"] in TERMINAL for e in events):
+                break
+            await self.recv(max(0.1, deadline - time.monotonic()))
+        terminals = [i for i, e in enumerate(events) if e["type"] in TERMINAL]
+        assert terminals == [len(events) - 1], f"terminal events not exactly one, last: {events}"
+        last = next(i for i, f in enumerate(self.frames) if f is events[-1])
+        self._next = max(self._next, last + 1)
+        return events
+
+    async def replay(self, thread_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Send `resume` and return the replayed frames up to (not including) resume_complete."""
+        await self.send({"type": "resume", "thread_id": thread_id, "after_seq": after_seq})
+        frames = []
+        while (frame := await self.recv())["type"] != "resume_complete":
+            frames.append(frame)
+        return frames
+
+    async def settle(self, seconds: float | None = None) -> None:
+        """Read (and record) whatever arrives until `seconds` after the last terminal event."""
+        wait = self.SETTLE_S if seconds is None else seconds
+        with contextlib.suppress(websockets.ConnectionClosed):
+            while (left := self._last_terminal_at + wait - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await self._read(left)
+
+    def check_runs(self) -> None:
+        """The run invariants over everything this connection received (see the class doc)."""
+        live: dict[str, list[dict[str, Any]]] = {}
+        replays: dict[int, list[dict[str, Any]]] = {}
+        for frame, window in zip(self.frames, self._window_of, strict=True):
+            if "seq" not in frame:
+                continue
+            if window is None:
+                live.setdefault(frame["run_id"], []).append(frame)
+            else:
+                replays.setdefault(window, []).append(frame)
+        for run_id, events in live.items():
+            kinds = [e["type"] for e in events]
+            ends = [i for i, kind in enumerate(kinds) if kind in TERMINAL]
+            assert len(ends) <= 1, f"run {run_id} has {len(ends)} terminal events: {kinds}"
+            assert not ends or ends[0] == len(kinds) - 1, f"run {run_id} went on after: {kinds}"
+            seqs = [e["seq"] for e in events]
+            assert seqs == sorted(set(seqs)), f"run {run_id} seqs out of order: {seqs}"
+        ids = [f["event_id"] for events in live.values() for f in events]
+        live_ids = set(ids)
+        assert len(ids) == len(live_ids), "an event was delivered live twice"
+        for number, frames in replays.items():
+            # A resume the server reads after the connection's hold window may see live events
+            # overtake its replay (docs/protocol.md): so the window is at most two increasing
+            # runs, live then replay; never a duplicate, never an event already sent live.
+            seqs = [f["seq"] for f in frames]
+            descents = sum(1 for a, b in itertools.pairwise(seqs) if b <= a)
+            assert descents <= 1, f"resume replay {number} out of order: {seqs}"
+            assert len(seqs) == len(set(seqs)), f"resume replay {number} duplicated: {seqs}"
+            again = [f["seq"] for f in frames if f["event_id"] in live_ids]
+            assert not again, f"resume replay {number} resent events sent live: {again}"
 
 
 class CuttingProxy:
@@ -202,12 +354,13 @@ class CuttingProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port()
+        self.port = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> CuttingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
         return self
 
     async def __aexit__(self, *_: object) -> None:

@@ -6,7 +6,12 @@ wire format, streamed (SSE) or not, so Parley's real client code is exercised en
 Scripting is by content, not by shared state: a test registers a *trigger* word and a list of
 turns; any request whose latest user message contains the trigger is answered by those turns,
 the turn chosen by how many tool results follow that user message. This keeps the server
-stateless per request, so tests can share one instance and run in parallel.
+stateless per request, so tests can share one instance and run in parallel (a `Flaky` turn
+counts the requests that reached it: what a retry of the same request sees).
+
+It is as hard as real providers: tool-call arguments arrive split over many chunks, usage only
+when the request asks for it, failures can come after part of the answer has streamed, and
+429s carry `Retry-After`.
 """
 
 from __future__ import annotations
@@ -30,25 +35,42 @@ from starlette.routing import Route
 
 @dataclass(frozen=True)
 class Text:
-    """Answer with `text`, streamed in chunks of `chunk` characters, `delay_s` apart."""
+    """Answer with `text`, streamed in chunks of `chunk` characters, `delay_s` apart.
+
+    `fail_after` ends the stream after that many characters of `text`, the way real providers
+    fail mid-answer: with an SSE `error` event (`failure="error_event"`, what OpenAI sends on a
+    server error after the headers) or by dropping the connection (`failure="disconnect"`).
+    `usage=False` never reports usage (like llama.cpp's server when streaming); otherwise usage
+    is sent only when the request asks for it (`stream_options.include_usage`), as OpenAI does.
+    """
 
     text: str
     chunk: int = 8
     delay_s: float = 0.0
     reasoning: str | None = None
+    fail_after: int | None = None
+    failure: str = "error_event"
+    usage: bool = True
 
 
 @dataclass(frozen=True)
 class ToolCall:
-    """Ask for one or more tool calls: `calls` is a list of (tool name, arguments)."""
+    """Ask for one or more tool calls: `calls` is a list of (tool name, arguments).
+
+    Streamed like real providers do: the first chunk of each call carries its id and name, the
+    JSON arguments follow in pieces of `arg_chunk` characters over many chunks."""
 
     calls: list[tuple[str, dict[str, Any]]]
+    arg_chunk: int = 3
 
 
 @dataclass(frozen=True)
 class HttpError:
+    """Refuse the request with `status` and an OpenAI-style error body (and `Retry-After`)."""
+
     status: int
     message: str = "scripted failure"
+    retry_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,20 +80,46 @@ class Hang:
     seconds: float
 
 
-Turn = Text | ToolCall | HttpError | Hang
+@dataclass(frozen=True)
+class Flaky:
+    """`first` for the first `times` requests that reach this turn, then `then` (a provider
+    that recovers: what a retry sees)."""
+
+    first: Text | ToolCall | HttpError | Hang
+    then: Text | ToolCall | HttpError | Hang
+    times: int = 1
+
+
+Turn = Text | ToolCall | HttpError | Hang | Flaky
 
 
 @dataclass
 class Script:
     turns: list[Turn]
+    # Requests seen per turn index, for `Flaky` turns.
+    attempts: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One request as the server received it."""
+
+    at: float  # time.monotonic()
+    headers: dict[str, str]
+    body: dict[str, Any]
 
 
 @dataclass
 class FakeLLM:
-    """The server's state: scripts by trigger and a log of the requests it saw."""
+    """The server's state: scripts by trigger and a log of the requests it saw.
+
+    Tests script it from their own thread while the server thread reads it: every access to
+    `scripts` and the request logs holds `_lock`.
+    """
 
     scripts: dict[str, Script] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 0
     # When set, every request must carry `Authorization: Bearer <api_key>`, else 401.
@@ -82,6 +130,7 @@ class FakeLLM:
     lists_models: bool = True
     _server: uvicorn.Server | None = None
     _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -89,11 +138,22 @@ class FakeLLM:
 
     def script(self, trigger: str, *turns: Turn) -> str:
         """Register `turns` for messages containing `trigger`; returns the trigger."""
-        self.scripts[trigger] = Script(list(turns))
+        with self._lock:
+            self.scripts[trigger] = Script(list(turns))
         return trigger
 
     def requests_with(self, trigger: str) -> list[dict[str, Any]]:
-        return [r for r in self.requests if trigger in _last_user_text(r)]
+        with self._lock:
+            return [r for r in self.requests if trigger in _last_user_text(r)]
+
+    def seen_with(self, trigger: str) -> list[Seen]:
+        with self._lock:
+            return [s for s in self.seen if trigger in _last_user_text(s.body)]
+
+    def _record(self, headers: dict[str, str], body: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(body)
+            self.seen.append(Seen(time.monotonic(), headers, body))
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -148,12 +208,18 @@ def _turn_index(body: dict[str, Any]) -> int:
     return count
 
 
-def _choose_turn(fake: FakeLLM, body: dict[str, Any]) -> Turn:
+def _choose_turn(fake: FakeLLM, body: dict[str, Any]) -> Text | ToolCall | HttpError | Hang:
     text = _last_user_text(body)
-    for trigger, script in fake.scripts.items():
-        if trigger in text:
-            index = _turn_index(body)
-            return script.turns[min(index, len(script.turns) - 1)]
+    with fake._lock:
+        for trigger, script in fake.scripts.items():
+            if trigger in text:
+                index = min(_turn_index(body), len(script.turns) - 1)
+                turn = script.turns[index]
+                if isinstance(turn, Flaky):
+                    attempt = script.attempts.get(index, 0)
+                    script.attempts[index] = attempt + 1
+                    return turn.first if attempt < turn.times else turn.then
+                return turn
     # Unscripted: a deterministic answer computed from the prompt, so tests can check it.
     return Text(f"echo: {text}")
 
@@ -173,17 +239,19 @@ def _build_app(fake: FakeLLM) -> Starlette:
         if fake.models is not None and body.get("model") not in fake.models:
             error = {"message": "The model does not exist", "code": "model_not_found"}
             return JSONResponse({"error": error}, status_code=404)
-        fake.requests.append(body)
+        fake._record(dict(request.headers), body)
         turn = _choose_turn(fake, body)
         if isinstance(turn, Hang):
             await asyncio.sleep(turn.seconds)
             return JSONResponse({"error": {"message": "hung"}}, status_code=504)
         if isinstance(turn, HttpError):
             error = {"error": {"message": turn.message, "type": "server_error"}}
-            return JSONResponse(error, status_code=turn.status)
+            headers = {"retry-after": turn.retry_after} if turn.retry_after else None
+            return JSONResponse(error, status_code=turn.status, headers=headers)
         model = body.get("model", "fake-model")
         if body.get("stream"):
-            return StreamingResponse(_sse(turn, model), media_type="text/event-stream")
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_sse(turn, model, usage), media_type="text/event-stream")
         return JSONResponse(_completion(turn, model))
 
     async def models(request: Request) -> Response:
@@ -235,7 +303,11 @@ def _tool_call(index: int, name: str, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def _sse(turn: Text | ToolCall, model: str) -> AsyncIterator[bytes]:
+class DroppedConnection(Exception):
+    """Raised inside a streaming response: uvicorn then drops the connection mid-body."""
+
+
+async def _sse(turn: Text | ToolCall, model: str, include_usage: bool) -> AsyncIterator[bytes]:
     ident = f"chatcmpl-{uuid.uuid4().hex}"
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -252,15 +324,31 @@ async def _sse(turn: Text | ToolCall, model: str) -> AsyncIterator[bytes]:
     if isinstance(turn, Text):
         if turn.reasoning:
             yield chunk({"reasoning_content": turn.reasoning})
-        for start in range(0, len(turn.text), turn.chunk):
+        end = len(turn.text) if turn.fail_after is None else turn.fail_after
+        for start in range(0, end, turn.chunk):
             if turn.delay_s:
                 await asyncio.sleep(turn.delay_s)
-            yield chunk({"content": turn.text[start : start + turn.chunk]})
+            yield chunk({"content": turn.text[start : min(start + turn.chunk, end)]})
+        if turn.fail_after is not None:
+            if turn.failure == "disconnect":
+                raise DroppedConnection("scripted: connection dropped mid-stream")
+            error = {"message": "scripted failure mid-stream", "type": "server_error", "code": 500}
+            yield f"data: {json.dumps({'error': error})}\n\n".encode()
+            return
         yield chunk({}, finish="stop")
     else:
-        calls = [_tool_call(i, name, args) for i, (name, args) in enumerate(turn.calls)]
-        yield chunk({"tool_calls": calls})
+        for i, (name, args) in enumerate(turn.calls):
+            call = _tool_call(i, name, args)
+            arguments = call["function"]["arguments"]
+            call["function"]["arguments"] = ""
+            yield chunk({"tool_calls": [call]})
+            for start in range(0, len(arguments), turn.arg_chunk):
+                piece = arguments[start : start + turn.arg_chunk]
+                yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
         yield chunk({}, finish="tool_calls")
+    if not include_usage or (isinstance(turn, Text) and not turn.usage):
+        yield b"data: [DONE]\n\n"
+        return
     final = {
         "id": ident,
         "object": "chat.completion.chunk",
