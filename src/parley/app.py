@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from parley import __version__
 from parley.api import build_router
+from parley.fdlimit import OpenFilesGuard
 from parley.health import Readiness, ServingState
 from parley.observability import get_logger
 from parley.startup import Components
@@ -90,6 +91,7 @@ def create_app(components: Components, state: ServingState | None = None) -> Fas
     # Last, so that every route above takes precedence over a static file of the same path.
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
     app.add_middleware(SecurityHeaders, docs_path=app.docs_url)
+    app.add_middleware(OpenFilesGuard, registry=components.metrics.registry)
     return app
 
 

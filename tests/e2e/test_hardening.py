@@ -4,17 +4,21 @@ store. On SQLite and on PostgreSQL alike (issue 14)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websockets
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests import harness
 from tests.conftest import SpawnServer
 from tests.harness import Client, ServerProcess, make_token, unique_user
 
@@ -32,7 +36,8 @@ def any_db(request: pytest.FixtureRequest, spawn: SpawnServer) -> ServerProcess:
 
 async def refused(client: Client, frame: dict[str, Any] | str, code: str) -> dict[str, Any]:
     """Send `frame`, expect `error code`, and check that the connection still answers."""
-    await client.send(frame)
+    # A raw frame goes straight to the socket: the harness would try to parse it itself.
+    await (client.ws.send(frame) if isinstance(frame, str) else client.send(frame))
     answer = await client.recv()
     assert answer["type"] == "error", answer
     assert answer["code"] == code, answer
@@ -322,3 +327,93 @@ async def test_the_page_runs_under_its_policy_in_chromium(server: ServerProcess)
             await browser.close()
     assert violations == []
     assert background != "rgba(0, 0, 0, 0)"  # the stylesheet applied
+
+
+# --------------------------------------------------------------------------- row 10: open files
+
+
+@pytest.fixture
+def open_files_limit(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Start the next servers under `prlimit --nofile=SOFT:HARD` (as systemd or a shell would)."""
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) not installed")
+    original = harness.parley_command
+
+    def limit(soft: int, hard: int) -> None:
+        monkeypatch.setattr(
+            harness,
+            "parley_command",
+            lambda *args: ["prlimit", f"--nofile={soft}:{hard}", "--", *original(*args)],
+        )
+
+    return limit
+
+
+def metric(text: str, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found is not None, name
+    return float(found.group(1))
+
+
+async def test_startup_raises_the_soft_open_files_limit_to_the_hard_one(
+    spawn: SpawnServer, open_files_limit: Any
+) -> None:
+    open_files_limit(256, 8192)
+    server = spawn()
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        metrics = (await http.get("/metrics")).text
+    assert metric(metrics, "parley_open_files_limit") == 8192
+    assert re.search(r"open_files.limit soft=8192 hard=8192 was=256", server.read_log())
+
+
+async def test_near_the_open_files_limit_websockets_get_503_and_health_still_answers(
+    spawn: SpawnServer, open_files_limit: Any
+) -> None:
+    open_files_limit(300, 300)  # a hard limit too, so the server cannot raise it
+    server = spawn()
+    assert "open_files.limit_low soft=300" in server.read_log()
+    accepted: list[websockets.ClientConnection] = []
+    refusals: list[int] = []
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        httpx.AsyncClient(base_url=server.http) as http,
+    ):
+        for _ in range(400):  # more than fit
+            headers = {"Authorization": f"Bearer {server.token(unique_user())}"}
+            try:
+                ws = await stack.enter_async_context(
+                    websockets.connect(server.ws_url, additional_headers=headers)
+                )
+            except InvalidStatus as exc:
+                refusals.append(exc.response.status_code)
+                continue
+            assert json.loads(await ws.recv())["type"] == "system_message"
+            accepted.append(ws)
+        refused = len(refusals)
+        assert refused > 0
+        assert set(refusals) == {503}
+        assert 100 < len(accepted) < 300 - 64
+        # The reserve keeps the process answering: health, metrics, the API, runs.
+        assert (await http.get("/health/live")).status_code == 200
+        assert (await http.get("/health/ready")).status_code == 200
+        metrics = (await http.get("/metrics")).text
+        assert metric(metrics, "parley_open_files_limit") == 300
+        assert metric(metrics, "parley_websocket_refused_total") == refused
+        assert metric(metrics, "parley_connections_open") == len(accepted)
+        first = accepted[0]
+        await first.send(json.dumps({"type": "user_message", "content": "still working?"}))
+        while json.loads(await asyncio.wait_for(first.recv(), 20))["type"] != "agent_completed":
+            pass
+        for ws in accepted[-20:]:  # the last ones admitted work too
+            await ws.send(json.dumps({"type": "ping"}))
+            assert json.loads(await ws.recv())["type"] == "pong"
+        # Connections are admitted again once some close.
+        for ws in accepted[:50]:
+            await ws.close()
+        await asyncio.sleep(1.0)
+        async with server.connect(unique_user()) as client:
+            assert client.hello["type"] == "system_message"
+    log = server.read_log()
+    assert "Too many open files" not in log
+    assert "Traceback" not in log
+    assert log.count("open_files.websocket_refused") == 1  # one warning for the whole burst
