@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from parley import __version__, fdlimit, redact
+from parley import __version__, redact
 from parley.app import ParleyServer, create_app, drain
 from parley.auth import development_secret, mint_token
 from parley.config import Settings
@@ -83,16 +83,19 @@ def serve(
     settings = _settings(host=host, port=port)
     configure_logging(level=settings.log_level, fmt=settings.effective_log_format)
     redact.install()
-    fdlimit.raise_open_files_limit()
     raise typer.Exit(_run(_serve(settings)))
 
 
 async def _serve(settings: Settings) -> int:
     try:
-        components, _results = await start(settings)
+        components, results = await start(settings)
     except StartupError as error:
         _report_failure(error)
         return 1
+    if settings.effective_log_format == "console":
+        # What passed, and how (e.g. whether the LLM was probed); JSON logs carry the same in
+        # their `startup.complete` line, and a table would break their one-object-a-line shape.
+        err.print(_phase_table(results))
     state = ServingState()
     config = uvicorn.Config(
         create_app(components, state),

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     llm_circuit_reset_s: float = Field(default=30.0, gt=0)
     llm_max_tokens: int | None = Field(default=None, ge=1)
     llm_model_path: Path | None = None  # a GGUF file for LLM_PROVIDER=local
+    # Probe the provider before startup passes: unset means on in staging/production and for
+    # the local model, off otherwise ("off" for providers where every request costs money).
+    llm_startup_probe: bool | None = None
+    # Background probe feeding readiness; 0 turns it off (readiness then trusts the circuit).
+    llm_probe_interval_s: float = Field(default=15.0, ge=0)
 
     # Transport limits.
     websocket_heartbeat_interval: float = Field(default=25.0, gt=0)
@@ -119,6 +124,12 @@ class Settings(BaseSettings):
         if self.llm_provider is None and self.environment is Environment.DEVELOPMENT:
             return LLMProvider.LOCAL
         return self.llm_provider
+
+    @property
+    def effective_llm_startup_probe(self) -> bool:
+        if self.llm_startup_probe is not None:
+            return self.llm_startup_probe
+        return self.environment.is_deployed or self.effective_llm_provider is LLMProvider.LOCAL
 
     @property
     def effective_log_format(self) -> str:

