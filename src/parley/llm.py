@@ -77,8 +77,15 @@ def classify_llm_error(exc: BaseException) -> ParleyError | None:
     if isinstance(exc, UnexpectedModelBehavior):
         # The model answered, but with nothing usable (empty, or output that failed validation
         # after the allowed retries): the model's fault, and asking again may well work.
-        return LLMError(f"the language model gave no usable answer: {exc.message}", retryable=True)
+        return LLMError(_unusable_answer(exc), retryable=True)
     return None
+
+
+def _unusable_answer(exc: UnexpectedModelBehavior) -> str:
+    # pydantic-ai's cause is what it told the model when it asked again, e.g. "Please return
+    # text." after an empty answer: that is what the model did wrong.
+    said = f"; asked again: {str(exc.__cause__)[:160]}" if exc.__cause__ is not None else ""
+    return f"the language model gave no usable answer ({exc.message}{said})"
 
 
 def _public_url(url: str) -> str:
