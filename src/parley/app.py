@@ -47,6 +47,10 @@ def create_app(components: Components, state: ServingState | None = None) -> Fas
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Before the port opens. On SQLite this process is the only server of the file, so
+        # every run still `running` was left by one that died; elsewhere only runs past their
+        # deadline are (see Supervisor.recover_orphans).
+        await components.supervisor.recover_orphans(all_running=components.db.is_sqlite)
         watchdog = asyncio.create_task(_watchdog(components), name="supervisor-watchdog")
         try:
             yield
@@ -101,7 +105,10 @@ async def drain(components: Components, state: ServingState) -> None:
         return
     state.draining = True
     log.info("shutdown.draining", runs=components.supervisor.active_runs)
+    components.transport.stop_accepting()
     await components.supervisor.drain(components.settings.shutdown_grace_s)
+    # The terminal events written by the drain must reach other instances before we go.
+    await components.bus.flush(timeout_s=5.0)
     await components.transport.close_all()
     log.info("shutdown.drained")
 

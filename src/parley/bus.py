@@ -4,6 +4,12 @@ The event log in the store is the source of truth; the bus only delivers. `InPro
 embedded default. `RedisBus` publishes each event on a per-user channel, so that a run on
 instance A reaches the same user's connections on instance B; each instance subscribes to the
 channels of the users connected to it and fans out locally exactly as the in-process bus does.
+
+`publish` never waits: the event log calls it right after a commit, and a slow or absent Redis
+must not stall the writes of every run. An instance's own connections get its events directly
+(never through Redis), so they do not depend on Redis at all. Redis pub/sub delivers at most
+once: what a blip drops, each connection fetches from the store (see `on_reconnect` and the
+transport's gap filling).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
@@ -31,6 +38,9 @@ class Delivery(NamedTuple):
 Sink = Callable[[Delivery], None]
 # Control messages between instances (e.g. "stop run R of user U"), as small JSON objects.
 ControlHandler = Callable[[dict[str, str]], None]
+# Called after the bus was cut off from other instances and is back: what was published
+# meanwhile was not delivered, and connections must fetch it from the store.
+ReconnectHandler = Callable[[], None]
 
 
 class Subscription(Protocol):
@@ -46,8 +56,10 @@ class EventBus(Protocol):
     async def close(self) -> None: ...
     async def ping(self) -> None: ...
     async def subscribe(self, user_id: str, sink: Sink) -> Subscription: ...
-    async def publish(self, deliveries: Sequence[Delivery]) -> None: ...
+    def publish(self, deliveries: Sequence[Delivery]) -> None: ...
+    async def flush(self, timeout_s: float) -> None: ...
     def on_control(self, handler: ControlHandler) -> None: ...
+    def on_reconnect(self, handler: ReconnectHandler) -> None: ...
     async def publish_control(self, message: dict[str, str]) -> None: ...
 
 
@@ -120,13 +132,19 @@ class InProcessBus:
     async def ping(self) -> None:
         return None
 
+    def on_reconnect(self, handler: ReconnectHandler) -> None:
+        return None  # never cut off
+
     async def subscribe(self, user_id: str, sink: Sink) -> Subscription:
         self._fanout.add(user_id, sink)
         return _LocalSubscription(lambda: self._fanout.remove(user_id, sink))
 
-    async def publish(self, deliveries: Sequence[Delivery]) -> None:
+    def publish(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
             self._fanout.deliver(delivery)
+
+    async def flush(self, timeout_s: float) -> None:
+        return None
 
 
 _CHANNEL_PREFIX = "parley:events:"
@@ -137,18 +155,30 @@ class RedisBus:
     name = "redis"
     spans_instances = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, instance_id: str = "") -> None:
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
         )
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._origin = instance_id or uuid.uuid4().hex
         self._fanout = _LocalFanout()
         self._control: list[ControlHandler] = []
-        self._reader: asyncio.Task[None] | None = None
+        self._reconnect: list[ReconnectHandler] = []
+        # Channels this instance wants, and those Redis has confirmed; the reader subscribes
+        # the difference (a SUBSCRIBE that failed, e.g. during a blip, is retried there).
+        self._wanted: set[str] = set()
+        self._subscribed: set[str] = set()
+        self._outbox: asyncio.Queue[list[Delivery]] = asyncio.Queue()
+        self._unpublished = 0
+        self._published = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
         self._lock = asyncio.Lock()
 
     def on_control(self, handler: ControlHandler) -> None:
         self._control.append(handler)
+
+    def on_reconnect(self, handler: ReconnectHandler) -> None:
+        self._reconnect.append(handler)
 
     async def publish_control(self, message: dict[str, str]) -> None:
         await self._client.publish(_CONTROL_CHANNEL, json.dumps(message))
@@ -158,56 +188,137 @@ class RedisBus:
         # Always subscribed to the control channel (a pub/sub connection with no channel
         # could not be read from anyway).
         await self._pubsub.subscribe(_CONTROL_CHANNEL)
-        self._reader = asyncio.create_task(self._read_forever(), name="redis-bus-reader")
+        self._tasks = [
+            asyncio.create_task(self._read_forever(), name="redis-bus-reader"),
+            asyncio.create_task(self._publish_forever(), name="redis-bus-publisher"),
+        ]
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+                await task
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self._client.aclose()
 
     async def ping(self) -> None:
         await self._client.ping()
-        if self._reader is None or self._reader.done():
+        if not self._tasks or any(task.done() for task in self._tasks):
             raise ConnectionError("the Redis subscriber is not running")
 
     async def subscribe(self, user_id: str, sink: Sink) -> Subscription:
+        channel = _CHANNEL_PREFIX + user_id
         async with self._lock:
             if self._fanout.add(user_id, sink):
-                await self._pubsub.subscribe(_CHANNEL_PREFIX + user_id)
+                self._wanted.add(channel)
+                try:
+                    await self._pubsub.subscribe(channel)
+                    self._subscribed.add(channel)
+                except (ConnectionError, OSError, aioredis.RedisError):
+                    # Local events still arrive (they bypass Redis); the reader retries.
+                    log.warning("bus.redis_subscribe_failed; will retry", user_id=user_id)
 
         async def unsubscribe() -> None:
             async with self._lock:
                 if self._fanout.remove(user_id, sink):
-                    await self._pubsub.unsubscribe(_CHANNEL_PREFIX + user_id)
+                    self._wanted.discard(channel)
+                    if channel in self._subscribed:
+                        self._subscribed.discard(channel)
+                        with contextlib.suppress(ConnectionError, OSError, aioredis.RedisError):
+                            await self._pubsub.unsubscribe(channel)
 
         return _LocalSubscription(unsubscribe)
 
-    async def publish(self, deliveries: Sequence[Delivery]) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for d in deliveries:
-                pipe.publish(_CHANNEL_PREFIX + d.user_id, f"{d.thread_id}\n{d.seq}\n{d.frame}")
-            await pipe.execute()
+    def publish(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        for delivery in deliveries:
+            self._fanout.deliver(delivery)
+        self._unpublished += 1
+        self._published.clear()
+        self._outbox.put_nowait(list(deliveries))
+
+    async def flush(self, timeout_s: float) -> None:
+        """Wait (bounded) until everything handed to `publish` has gone to Redis."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._unpublished:
+                    await self._published.wait()
+
+    async def _publish_forever(self) -> None:
+        while True:
+            batch = await self._outbox.get()
+            while not self._outbox.empty() and len(batch) < 1000:
+                batch.extend(self._outbox.get_nowait())
+                self._unpublished -= 1
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for d in batch:
+                        pipe.publish(
+                            _CHANNEL_PREFIX + d.user_id,
+                            f"{self._origin}\n{d.thread_id}\n{d.seq}\n{d.frame}",
+                        )
+                    await pipe.execute()
+            except Exception:
+                # Stored, delivered locally, not delivered to other instances: their
+                # connections fetch these from the store (gap filling, resume).
+                log.warning("bus.redis_publish_failed", events=len(batch))
+            finally:
+                self._unpublished -= 1
+                if self._unpublished == 0:
+                    self._published.set()
 
     async def _read_forever(self) -> None:
+        cut_off = False
         while True:
             try:
+                await self._subscribe_missing()
                 message = await self._pubsub.get_message(timeout=1.0)
-            except (ConnectionError, OSError, aioredis.RedisError):
-                log.warning("bus.redis_read_failed; retrying")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not cut_off:
+                    log.warning("bus.redis_read_failed; retrying", error=type(exc).__name__)
+                cut_off = True
+                self._subscribed.clear()  # redis-py resubscribes on reconnect; we check
                 await asyncio.sleep(0.5)
                 continue
+            if cut_off:
+                cut_off = False
+                log.info("bus.redis_reconnected")
+                self._notify_reconnect()
             if message is None or message.get("type") != "message":
                 continue
-            channel = _decode(message["channel"])
-            if channel == _CONTROL_CHANNEL:
-                self._dispatch_control(_decode(message["data"]))
-                continue
-            thread_id, seq, frame = _decode(message["data"]).split("\n", 2)
-            user_id = channel.removeprefix(_CHANNEL_PREFIX)
-            self._fanout.deliver(Delivery(user_id, thread_id, int(seq), frame))
+            try:
+                self._dispatch(message)
+            except Exception:
+                log.exception("bus.redis_dispatch_failed")
+
+    async def _subscribe_missing(self) -> None:
+        missing = self._wanted - self._subscribed
+        if missing:
+            await self._pubsub.subscribe(*missing)
+            self._subscribed.update(missing)
+
+    def _dispatch(self, message: dict[str, object]) -> None:
+        channel = _decode(message["channel"])  # type: ignore[arg-type]
+        data = _decode(message["data"])  # type: ignore[arg-type]
+        if channel == _CONTROL_CHANNEL:
+            self._dispatch_control(data)
+            return
+        origin, thread_id, seq, frame = data.split("\n", 3)
+        if origin == self._origin:
+            return  # delivered locally when it was published
+        user_id = channel.removeprefix(_CHANNEL_PREFIX)
+        self._fanout.deliver(Delivery(user_id, thread_id, int(seq), frame))
+
+    def _notify_reconnect(self) -> None:
+        for handler in self._reconnect:
+            try:
+                handler()
+            except Exception:
+                log.exception("bus.reconnect_handler_failed")
 
     def _dispatch_control(self, data: str) -> None:
         try:

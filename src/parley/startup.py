@@ -178,7 +178,11 @@ async def _database_phase(ctx: _Context) -> Database:
 async def _event_bus_phase(ctx: _Context) -> EventBus:
     settings: Settings = ctx.need("settings")
     db: Database = ctx.need("database")
-    bus: EventBus = RedisBus(settings.redis_url) if settings.redis_url else InProcessBus()
+    bus: EventBus = (
+        RedisBus(settings.redis_url, instance_id=ctx.instance_id)
+        if settings.redis_url
+        else InProcessBus()
+    )
     try:
         await bus.start()
     except BaseException:
@@ -386,7 +390,8 @@ async def _supervisor_phase(ctx: _Context) -> Supervisor:
         metrics=ctx.metrics,
         instance_id=ctx.instance_id,
     )
-    await supervisor.recover_orphans(all_running=db.is_sqlite)
+    # Orphaned runs are ended by `parley serve` once it serves (see app.py), never here:
+    # `parley check` runs these phases beside a live server and must change nothing.
     return supervisor
 
 

@@ -20,8 +20,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from parley import __version__
 from parley.auth import Authenticator
-from parley.bus import Delivery, EventBus
+from parley.bus import EventBus
 from parley.counters import PerUserCounter
+from parley.delivery import RESUME_HOLD_S, Close, ConnectionDelivery, Outbox, Overflow
 from parley.errors import NotFound, ParleyError
 from parley.observability import Metrics, get_logger
 from parley.protocol import (
@@ -34,7 +35,6 @@ from parley.protocol import (
     PongFrame,
     ProtocolViolation,
     Resume,
-    ResumeComplete,
     StopAgent,
     SystemMessage,
     UserMessage,
@@ -54,11 +54,6 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_ORIGIN = 4403
 CLOSE_HEARTBEAT = 4408
 CLOSE_TOO_MANY = 4429
-# How long a new connection holds back live run events of threads it has not resumed yet. A
-# client that reconnects mid-run sends `resume` right after `system_message`; without the hold,
-# live events published in that round trip would overtake the replay of the ones it missed.
-RESUME_HOLD_S = 0.5
-_REPLAY_PAGE = 500
 _BEARER_PREFIX = "bearer."
 
 
@@ -72,87 +67,20 @@ class TransportConfig:
     model_label: str
 
 
-@dataclass(frozen=True)
-class _Close:
-    code: int
-    reason: str
-
-
-@dataclass
-class _Cursor:
-    """What this connection has sent of one thread: the highest seq, and where live delivery
-    began if it began before any `resume` (those seqs are skipped by a later replay)."""
-
-    last: int
-    first_live: int | None = None
-
-
 @dataclass(eq=False)  # identity hashing: connections live in a set
 class _Connection:
     id: str
     user_id: str
     ws: WebSocket
-    queue: asyncio.Queue[str | _Close]
+    delivery: ConnectionDelivery
     last_received: float = field(default_factory=time.monotonic)
-    cursors: dict[str, _Cursor] = field(default_factory=dict)
-    replaying: dict[str, list[Delivery]] = field(default_factory=dict)
-    # Live events that arrived in the first moments of the connection, by thread, held back
-    # so that a client that reconnects and resumes gets the replay first and then these, in
-    # order (see RESUME_HOLD_S). Released by `release_held` when the window ends.
-    held: dict[str, list[Delivery]] | None = field(default_factory=dict)
-    overflow: asyncio.Event = field(default_factory=asyncio.Event)
-    closing: bool = False
 
-    def enqueue(self, frame: str | _Close) -> None:
-        if self.closing:
-            return
+    def enqueue(self, frame: str | Close) -> None:
+        """Queue a frame that is not a run event (errors, pongs, acknowledgements)."""
         try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            self.closing = True
-            self.overflow.set()
-        if isinstance(frame, _Close):
-            self.closing = True
-
-    def deliver(self, delivery: Delivery) -> None:
-        """Bus sink: runs on the event loop for every event of this user."""
-        buffer = self.replaying.get(delivery.thread_id)
-        if buffer is not None:
-            buffer.append(delivery)
-            return
-        if self.held is not None and delivery.thread_id not in self.cursors:
-            self.held.setdefault(delivery.thread_id, []).append(delivery)
-            return
-        self._send_live(delivery)
-
-    def claim(self, thread_id: str) -> None:
-        """This connection posts into the thread: deliver its events live from now on."""
-        if thread_id not in self.cursors and thread_id not in self.replaying:
-            self.cursors[thread_id] = _Cursor(last=0)
-            for delivery in self.take_held(thread_id):
-                self._send_live(delivery)
-
-    def take_held(self, thread_id: str) -> list[Delivery]:
-        return self.held.pop(thread_id, []) if self.held is not None else []
-
-    def release_held(self) -> None:
-        """End of the hold window: send what was held, in order, and hold nothing more."""
-        held, self.held = self.held, None
-        for deliveries in (held or {}).values():
-            for delivery in deliveries:
-                self.deliver(delivery)
-
-    def _send_live(self, delivery: Delivery) -> None:
-        cursor = self.cursors.get(delivery.thread_id)
-        if cursor is None:
-            self.cursors[delivery.thread_id] = _Cursor(last=delivery.seq, first_live=delivery.seq)
-        elif delivery.seq <= cursor.last:
-            return
-        else:
-            if cursor.last == 0 and cursor.first_live is None:  # claimed, first event now
-                cursor.first_live = delivery.seq
-            cursor.last = delivery.seq
-        self.enqueue(delivery.frame)
+            self.delivery.outbox.put(frame)
+        except Overflow:
+            self.delivery.overflowed.set()
 
 
 class Transport:
@@ -176,10 +104,20 @@ class Transport:
         self._connections: set[_Connection] = set()
         self._none_open = asyncio.Event()
         self._none_open.set()
+        self._accepting = True
+        bus.on_reconnect(self._catch_up)
 
     @property
     def authenticator(self) -> Authenticator:
         return self._auth
+
+    def stop_accepting(self) -> None:
+        """Shutdown began: connections that complete their handshake now are closed (1001)."""
+        self._accepting = False
+
+    def _catch_up(self) -> None:
+        for connection in self._connections:
+            connection.delivery.catch_up()
 
     # ------------------------------------------------------------------ handshake
 
@@ -202,6 +140,9 @@ class Transport:
             await ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
             return
         user_id = identity.user_id
+        if not self._accepting:
+            await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
+            return
         if self._per_user[user_id] >= self._config.max_connections_per_user:
             await ws.close(CLOSE_TOO_MANY, "too many connections for this user")
             return
@@ -209,7 +150,9 @@ class Transport:
             id=str(uuid.uuid4()),
             user_id=user_id,
             ws=ws,
-            queue=asyncio.Queue(self._config.send_queue_size),
+            delivery=ConnectionDelivery(
+                Outbox(self._config.send_queue_size), self._read_page, holding=True
+            ),
         )
         self._per_user.add(user_id)
         self._connections.add(connection)
@@ -234,14 +177,16 @@ class Transport:
                 model=self._config.model_label,
             ).to_json()
         )
-        subscription = await self._bus.subscribe(connection.user_id, connection.deliver)
+        delivery = connection.delivery
+        subscription = await self._bus.subscribe(connection.user_id, delivery.deliver)
         try:
-            release = asyncio.get_running_loop().call_later(RESUME_HOLD_S, connection.release_held)
+            release = asyncio.get_running_loop().call_later(RESUME_HOLD_S, delivery.release_held)
             tasks = [
-                asyncio.create_task(self._receive(connection)),
-                asyncio.create_task(self._send(connection)),
-                asyncio.create_task(self._heartbeat(connection)),
-                asyncio.create_task(connection.overflow.wait()),
+                asyncio.create_task(self._receive(connection), name="ws-receive"),
+                asyncio.create_task(self._send(connection), name="ws-send"),
+                asyncio.create_task(self._heartbeat(connection), name="ws-heartbeat"),
+                asyncio.create_task(delivery.replay_forever(), name="ws-replay"),
+                asyncio.create_task(delivery.overflowed.wait(), name="ws-overflow"),
             ]
             try:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -249,8 +194,17 @@ class Transport:
                 release.cancel()
                 for task in tasks:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            if connection.overflow.is_set():
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            for task, result in zip(tasks, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error(
+                        "transport.connection_task_failed",
+                        connection_id=connection.id,
+                        task=task.get_name(),
+                        error=type(result).__name__,
+                        detail=str(result)[:200],
+                    )
+            if delivery.overflowed.is_set():
                 self._metrics.send_queue_overflows.inc()
                 log.warning("transport.send_queue_overflow", connection_id=connection.id)
                 await _close(connection.ws, CLOSE_TRY_AGAIN_LATER, "client too slow; resume")
@@ -261,8 +215,8 @@ class Transport:
 
     async def _send(self, connection: _Connection) -> None:
         while True:
-            item = await connection.queue.get()
-            if isinstance(item, _Close):
+            item = await connection.delivery.outbox.get()
+            if isinstance(item, Close):
                 await _close(connection.ws, item.code, item.reason)
                 return
             try:
@@ -279,7 +233,7 @@ class Transport:
             await asyncio.sleep(tick)
             now = time.monotonic()
             if now - connection.last_received > 2 * interval:
-                connection.enqueue(_Close(CLOSE_HEARTBEAT, "heartbeat timeout"))
+                connection.enqueue(Close(CLOSE_HEARTBEAT, "heartbeat timeout"))
                 return
             if now - last_ping >= interval:
                 last_ping = now
@@ -303,7 +257,7 @@ class Transport:
             ):
                 limit = self._config.max_message_bytes
                 self._error(connection, "message_too_large", f"frames are limited to {limit} bytes")
-                connection.enqueue(_Close(CLOSE_TOO_LARGE, "message too large"))
+                connection.enqueue(Close(CLOSE_TOO_LARGE, "message too large"))
                 return
             try:
                 await self._dispatch(connection, text)
@@ -333,7 +287,7 @@ class Transport:
 
     async def _user_message(self, connection: _Connection, message: UserMessage) -> None:
         def accepted(result: Accepted) -> None:
-            connection.claim(result.thread_id)
+            connection.delivery.claim(result.thread_id)
             connection.enqueue(
                 MessageAccepted(
                     client_message_id=result.client_message_id,
@@ -357,44 +311,22 @@ class Transport:
             )
 
     async def _resume(self, connection: _Connection, message: Resume) -> None:
-        thread_id = message.thread_id
+        """Check the thread is the user's, then queue its replay (the receive loop goes on:
+        the connection's replay worker pulls the events as the client takes them)."""
         async with self._db.read() as session:
             thread = await queries.get_thread(
-                session, user_id=connection.user_id, thread_id=thread_id
+                session, user_id=connection.user_id, thread_id=message.thread_id
             )
         if thread is None:
-            raise NotFound(f"thread {thread_id} not found")
-        previous = connection.cursors.get(thread_id)
-        skip = (
-            (previous.first_live, previous.last)
-            if previous is not None and previous.first_live is not None
-            else None
-        )
-        # Events held back since connect join the replay buffer: sent after the replay, in order.
-        connection.replaying[thread_id] = connection.take_held(thread_id)
-        position = message.after_seq
-        try:
-            while True:
-                async with self._db.read() as session:
-                    rows = await queries.events_after(
-                        session, thread_id=thread_id, after_seq=position, limit=_REPLAY_PAGE
-                    )
-                for row in rows:
-                    position = row.seq
-                    if skip is not None and skip[0] <= row.seq <= skip[1]:
-                        continue  # already sent live on this connection
-                    await connection.queue.put(row.frame)
-                if len(rows) < _REPLAY_PAGE:
-                    break
-        finally:
-            buffered = connection.replaying.pop(thread_id)
-        for delivery in buffered:
-            if delivery.seq > position:
-                position = delivery.seq
-                connection.enqueue(delivery.frame)
-        last = max(position, previous.last if previous is not None else 0)
-        connection.cursors[thread_id] = _Cursor(last=last)
-        connection.enqueue(ResumeComplete(thread_id=thread_id, last_seq=position).to_json())
+            raise NotFound(f"thread {message.thread_id} not found")
+        connection.delivery.resume(message.thread_id, message.after_seq)
+
+    async def _read_page(self, thread_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        async with self._db.read() as session:
+            rows = await queries.events_after(
+                session, thread_id=thread_id, after_seq=after_seq, limit=limit
+            )
+            return [(row.seq, row.frame) for row in rows]
 
     def _error(
         self, connection: _Connection, code: str, message: str, client_message_id: str | None = None
@@ -408,7 +340,7 @@ class Transport:
     async def close_all(self, *, timeout_s: float = 5.0) -> None:
         """Flush what each connection has queued, then close it with 1001."""
         for connection in list(self._connections):
-            connection.enqueue(_Close(CLOSE_GOING_AWAY, "server shutting down"))
+            connection.enqueue(Close(CLOSE_GOING_AWAY, "server shutting down"))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self._none_open.wait()

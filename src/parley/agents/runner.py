@@ -25,7 +25,7 @@ from pydantic_ai.messages import (
     UserPromptPart,
 )
 
-from parley.protocol import AgentMessageDelta, AgentThinking, Usage
+from parley.protocol import AgentThinking, Usage
 from parley.store.models import Message
 from parley.tools import RunDeps
 
@@ -59,10 +59,10 @@ async def run_agent(
     answer: list[str] = []
     tools_since_last_step: list[str] = []
 
-    async def send_text(text: str) -> None:
+    def send_text(text: str) -> None:
         if text:
             answer.append(text)
-            await deps.emit(AgentMessageDelta(text=text))
+            deps.text(text)
 
     async def announce_next_step() -> None:
         if tools_since_last_step:
@@ -77,9 +77,9 @@ async def run_agent(
             if isinstance(event, PartStartEvent):
                 await announce_next_step()
                 if isinstance(event.part, TextPart):
-                    await send_text(event.part.content)
+                    send_text(event.part.content)
             elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
-                await send_text(event.delta.content_delta)
+                send_text(event.delta.content_delta)
             elif isinstance(event, PartEndEvent) and isinstance(event.part, ThinkingPart):
                 if event.part.content.strip():
                     await deps.emit(AgentThinking(text=event.part.content.strip()))
@@ -91,7 +91,7 @@ async def run_agent(
                 input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
     if not answer and output:
         # A provider that did not stream still gives the client its text as one delta.
-        await send_text(output)
+        send_text(output)
     return AgentOutcome(
         content="".join(answer),
         usage=Usage(input_tokens=input_tokens or 0, output_tokens=output_tokens or 0),

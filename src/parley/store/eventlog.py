@@ -1,11 +1,19 @@
 """The event log: persists run events, gives each its per-thread `seq`, then delivers them.
 
-Invariant: an event reaches the bus only after the transaction that stored it has committed,
-so whatever a client sees it can also get again by `resume`.
+Invariants:
+- an event reaches the bus only after the transaction that stored it has committed, so whatever
+  a client sees it can also get again by `resume`;
+- a run's acceptance (the user message, the run row and its `agent_started`) is one transaction;
+- a run's terminal event and its final status are one transaction too, written by a conditional
+  update that succeeds for exactly one writer (the run's owner or any orphan sweep): a run never
+  ends without its terminal event, and never gets two.
 
-Appends from all concurrent runs are written by one writer task in batches (group commit):
-one transaction per batch, one `UPDATE threads ... RETURNING last_seq` per thread in it, one
-multi-row insert. Under load that is a handful of round trips for hundreds of events.
+One writer task does all of it in batches (group commit): whatever is queued while a batch
+commits goes into the next, in one transaction with one `UPDATE threads ... RETURNING last_seq`
+per thread and one multi-row insert. Publishing happens after the commit and never waits on the
+network (see `EventBus.publish`), so a slow Redis cannot stall the writes. Submitting is
+synchronous (`submit` returns a future): a run keeps reading its model while the writer commits,
+and order is kept because there is one queue and one writer.
 """
 
 from __future__ import annotations
@@ -13,15 +21,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.bus import Delivery, EventBus
-from parley.errors import Unavailable
+from parley.errors import NotFound, Unavailable
 from parley.observability import Metrics, get_logger
-from parley.protocol import RunEvent
+from parley.protocol import AgentStarted, RunEvent, TerminalEvent, Usage
 from parley.store import queries
 from parley.store.db import Database
 from parley.store.models import Event, utcnow
@@ -30,16 +41,64 @@ log = get_logger(__name__)
 
 E = TypeVar("E", bound=RunEvent)
 
-MAX_BATCH = 512
+MAX_BATCH = 1024
+
+
+# ---------------------------------------------------------------------------- the work
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What `message_accepted` tells the client; `duplicate` when the client_message_id had
+    already been accepted (then nothing new was stored)."""
+
+    client_message_id: str | None
+    thread_id: str
+    message_id: str
+    run_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Intake:
+    """A user message to accept: stored with its run and the run's `agent_started`."""
+
+    user_id: str
+    content: str
+    thread_id: str | None
+    client_message_id: str | None
+    agent: str
+    instance_id: str
+    run_id: str = field(default_factory=queries.new_id)
+    message_id: str = field(default_factory=queries.new_id)
+    # Called by the writer right after the commit and before the run's `agent_started` is
+    # published: whoever is told of the acceptance here (the supervisor registers the run, the
+    # connection queues `message_accepted`) is told before any event of the run exists for
+    # anyone, so `message_accepted` precedes the run's events and a `stop_agent` sent on
+    # receiving it always finds the run.
+    on_stored: Callable[[Accepted], None] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A run's end: its terminal event, final status and (when it completed) its answer."""
+
+    user_id: str
+    event: TerminalEvent
+    status: str  # completed | error | cancelled
+    error_code: str | None = None
+    usage: Usage | None = None
+    answer: str | None = None  # stored as the assistant message, id `event.message_id`
 
 
 @dataclass
-class _Pending:
+class _Work:
     user_id: str
-    event: RunEvent
-    done: asyncio.Future[RunEvent] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    item: Intake | Finish | RunEvent
+    done: asyncio.Future[Any]
+
+
+# ---------------------------------------------------------------------------- the log
 
 
 class EventLog:
@@ -47,96 +106,265 @@ class EventLog:
         self._db = db
         self._bus = bus
         self._metrics = metrics
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._closed = False
 
+    def submit(self, user_id: str, event: E) -> asyncio.Future[E]:
+        """Queue `event` (thread_id and run_id set); the future gets it back stored, with seq
+        and event id, once it is committed and published."""
+        return self._enqueue(user_id, event)
+
     async def append(self, user_id: str, event: E) -> E:
-        """Persist and deliver `event` (thread_id and run_id set); returns it with seq and id."""
-        if self._closed:
-            raise Unavailable("the event log is closed")
-        pending = _Pending(user_id, event)
-        self._queue.put_nowait(pending)
-        self._metrics.eventlog_queue_depth.set(self._queue.qsize())
-        stored = await asyncio.shield(pending.done)
-        assert isinstance(stored, type(event))
+        """`submit` and wait for the event to be stored."""
+        stored: E = await asyncio.shield(self.submit(user_id, event))
         return stored
 
+    async def accept(self, intake: Intake) -> Accepted:
+        """Store a user message, its run and `agent_started` in one transaction. Raises
+        `NotFound` for a thread that is not the user's."""
+        result: Accepted = await asyncio.shield(self._enqueue(intake.user_id, intake))
+        return result
+
+    async def finish(self, finish: Finish) -> RunEvent | None:
+        """End the run with its terminal event if it is still running; returns the stored
+        event, or None when the run had already ended (nothing is stored then)."""
+        result: RunEvent | None = await asyncio.shield(self._enqueue(finish.user_id, finish))
+        return result
+
+    def _enqueue(self, user_id: str, item: Intake | Finish | RunEvent) -> asyncio.Future[Any]:
+        if self._closed:
+            raise Unavailable("the event log is closed")
+        work = _Work(user_id, item, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(work)
+        return work.done
+
+    # ------------------------------------------------------------------ the writer
+
     async def run(self) -> None:
-        """The writer loop; runs until cancelled, then flushes what is queued."""
+        """The writer loop; runs until cancelled."""
         try:
             while True:
                 batch = [await self._queue.get()]
                 while len(batch) < MAX_BATCH and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
+                self._metrics.eventlog_queue_depth.set(self._queue.qsize())
                 await self._write_batch(batch)
         finally:
             self._closed = True
 
     async def flush(self) -> None:
         """Write everything queued now (used at shutdown, after the writer task stopped)."""
-        batch: list[_Pending] = []
         while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-            if len(batch) == MAX_BATCH:
-                await self._write_batch(batch)
-                batch = []
-        if batch:
+            batch: list[_Work] = []
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
             await self._write_batch(batch)
 
-    async def _write_batch(self, batch: list[_Pending]) -> None:
+    async def _write_batch(self, batch: list[_Work]) -> None:
         started = time.perf_counter()
         try:
-            stored = await self._persist(batch)
+            results, stored = await self._persist(batch)
         except Exception as exc:
             log.exception("eventlog.write_failed", batch=len(batch))
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(Unavailable(f"could not persist event: {exc}"))
+            for work in batch:
+                if not work.done.done():
+                    work.done.set_exception(Unavailable(f"could not persist event: {exc}"))
             return
         self._metrics.eventlog_batch_size.observe(len(batch))
         self._metrics.eventlog_commit_seconds.observe(time.perf_counter() - started)
-        deliveries = [
-            Delivery(p.user_id, event.thread_id, event.seq, frame)
-            for p, (event, frame) in zip(batch, stored, strict=True)
-        ]
-        try:
-            await self._bus.publish(deliveries)
-        except Exception:
-            # Stored but not delivered live: clients get these events on resume.
-            log.exception("eventlog.publish_failed", batch=len(batch))
-        for pending, (event, _frame) in zip(batch, stored, strict=True):
-            if not pending.done.done():
-                pending.done.set_result(event)
+        for work, result in zip(batch, results, strict=True):
+            if isinstance(work.item, Intake) and isinstance(result, Accepted):
+                _notify_stored(work.item, result)
+        self._bus.publish(
+            [Delivery(user_id, e.thread_id, e.seq, frame) for user_id, e, frame in stored]
+        )
+        for work, result in zip(batch, results, strict=True):
+            if work.done.done():
+                continue  # the submitter gave up waiting (it was cancelled)
+            if isinstance(result, BaseException):
+                work.done.set_exception(result)
+            else:
+                work.done.set_result(result)
 
-    async def _persist(self, batch: list[_Pending]) -> list[tuple[RunEvent, str]]:
-        counts: dict[str, int] = {}
-        for pending in batch:
-            counts[pending.event.thread_id] = counts.get(pending.event.thread_id, 0) + 1
+    async def _persist(
+        self, batch: list[_Work]
+    ) -> tuple[list[Any], list[tuple[str, RunEvent, str]]]:
+        """One transaction for the batch. Returns each work's result (in order) and the stored
+        events with their frames (in seq order per thread)."""
+        results: list[Any] = []
+        to_store: list[tuple[_Work, RunEvent]] = []
         async with self._db.write() as session:
-            next_seq: dict[str, int] = {}
-            for thread_id, count in counts.items():
-                last = await queries.reserve_seqs(session, thread_id=thread_id, count=count)
-                next_seq[thread_id] = last - count + 1
-            stored: list[tuple[RunEvent, str]] = []
-            rows = []
-            now = utcnow()
-            for pending in batch:
-                thread_id = pending.event.thread_id
-                seq = next_seq[thread_id]
-                next_seq[thread_id] = seq + 1
-                event = pending.event.model_copy(update={"seq": seq, "event_id": str(uuid.uuid4())})
-                frame = event.to_json()
-                stored.append((event, frame))
-                rows.append(
-                    {
-                        "id": event.event_id,
-                        "thread_id": thread_id,
-                        "run_id": event.run_id,
-                        "seq": seq,
-                        "type": event.type,
-                        "frame": frame,
-                        "created_at": now,
-                    }
-                )
-            await session.execute(insert(Event), rows)
-        return stored
+            for work in batch:
+                item = work.item
+                if isinstance(item, Intake):
+                    accepted, started = await _accept(session, item)
+                    results.append(accepted)
+                    if started is not None:
+                        to_store.append((work, started))
+                elif isinstance(item, Finish):
+                    ended = await _finish(session, item)
+                    results.append(None)
+                    if ended:
+                        to_store.append((work, item.event))
+                else:
+                    results.append(None)
+                    to_store.append((work, item))
+            stored = await _insert_events(session, [event for _, event in to_store])
+        by_work = {id(work): event for (work, _), (event, _f) in zip(to_store, stored, strict=True)}
+        for index, work in enumerate(batch):
+            if not isinstance(results[index], Accepted | BaseException) and id(work) in by_work:
+                results[index] = by_work[id(work)]
+        deliveries = [
+            (work.user_id, event, frame)
+            for (work, _), (event, frame) in zip(to_store, stored, strict=True)
+        ]
+        return results, deliveries
+
+
+def _notify_stored(intake: Intake, accepted: Accepted) -> None:
+    if intake.on_stored is None:
+        return
+    try:
+        intake.on_stored(accepted)
+    except Exception:
+        log.exception("eventlog.on_stored_failed", run_id=accepted.run_id)
+
+
+# ---------------------------------------------------------------------------- store steps
+
+
+async def _accept(
+    session: AsyncSession, intake: Intake
+) -> tuple[Accepted | BaseException, AgentStarted | None]:
+    """The intake's rows, or the reason it was refused (returned, so the rest of the batch
+    still commits). A duplicate client_message_id answers with what was accepted before."""
+    if intake.client_message_id is not None:
+        previous = await _previous(session, intake)
+        if previous is not None:
+            return previous, None
+    try:
+        # A savepoint: a client_message_id racing in from another instance fails only this one.
+        async with session.begin_nested():
+            thread_id = await _intake_rows(session, intake)
+    except NotFound as exc:
+        return exc, None
+    except IntegrityError:
+        previous = await _previous(session, intake)
+        if previous is None:
+            raise
+        return previous, None
+    accepted = Accepted(
+        intake.client_message_id, thread_id, intake.message_id, intake.run_id, duplicate=False
+    )
+    started = AgentStarted(
+        agent=intake.agent, message_id=intake.message_id, thread_id=thread_id, run_id=intake.run_id
+    )
+    return accepted, started
+
+
+async def _previous(session: AsyncSession, intake: Intake) -> Accepted | None:
+    assert intake.client_message_id is not None
+    found = await queries.find_by_client_id(
+        session, user_id=intake.user_id, client_message_id=intake.client_message_id
+    )
+    if found is None or found.run_id is None:
+        return None
+    return Accepted(
+        intake.client_message_id, found.thread_id, found.id, found.run_id, duplicate=True
+    )
+
+
+async def _intake_rows(session: AsyncSession, intake: Intake) -> str:
+    await queries.ensure_user(session, user_id=intake.user_id)
+    if intake.thread_id is None:
+        thread = await queries.create_thread(session, user_id=intake.user_id, title=intake.content)
+    else:
+        found = await queries.get_thread(
+            session, user_id=intake.user_id, thread_id=intake.thread_id
+        )
+        if found is None:
+            raise NotFound(f"thread {intake.thread_id} not found")
+        thread = found
+    await queries.add_message(
+        session,
+        thread_id=thread.id,
+        user_id=intake.user_id,
+        role="user",
+        content=intake.content,
+        client_message_id=intake.client_message_id,
+        run_id=intake.run_id,
+        message_id=intake.message_id,
+    )
+    await queries.create_run(
+        session,
+        run_id=intake.run_id,
+        thread_id=thread.id,
+        user_id=intake.user_id,
+        message_id=intake.message_id,
+        agent=intake.agent,
+        instance_id=intake.instance_id,
+    )
+    await session.flush()
+    return thread.id
+
+
+async def _finish(session: AsyncSession, finish: Finish) -> bool:
+    usage = finish.usage or Usage()
+    ended = await queries.finish_run_if_running(
+        session,
+        run_id=finish.event.run_id,
+        status=finish.status,
+        error_code=finish.error_code,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+    )
+    if ended and finish.answer is not None:
+        message_id = getattr(finish.event, "message_id", None) or queries.new_id()
+        await queries.add_message(
+            session,
+            thread_id=finish.event.thread_id,
+            user_id=finish.user_id,
+            role="assistant",
+            content=finish.answer,
+            run_id=finish.event.run_id,
+            message_id=message_id,
+        )
+    return ended
+
+
+async def _insert_events(
+    session: AsyncSession, events: list[RunEvent]
+) -> list[tuple[RunEvent, str]]:
+    """Give each event its seq and id and insert them; returns them with their frames."""
+    if not events:
+        return []
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.thread_id] = counts.get(event.thread_id, 0) + 1
+    next_seq: dict[str, int] = {}
+    # Sorted: two writers (two PostgreSQL instances) lock threads in the same order.
+    for thread_id in sorted(counts):
+        last = await queries.reserve_seqs(session, thread_id=thread_id, count=counts[thread_id])
+        next_seq[thread_id] = last - counts[thread_id] + 1
+    stored: list[tuple[RunEvent, str]] = []
+    rows = []
+    now = utcnow()
+    for event in events:
+        seq = next_seq[event.thread_id]
+        next_seq[event.thread_id] = seq + 1
+        numbered = event.model_copy(update={"seq": seq, "event_id": str(uuid.uuid4())})
+        frame = numbered.to_json()
+        stored.append((numbered, frame))
+        rows.append(
+            {
+                "id": numbered.event_id,
+                "thread_id": numbered.thread_id,
+                "run_id": numbered.run_id,
+                "seq": seq,
+                "type": numbered.type,
+                "frame": frame,
+                "created_at": now,
+            }
+        )
+    await session.execute(insert(Event), rows)
+    return stored

@@ -166,7 +166,7 @@ async def get_run(session: AsyncSession, *, user_id: str, run_id: str) -> Run | 
     return run
 
 
-async def finish_run(
+async def finish_run_if_running(
     session: AsyncSession,
     *,
     run_id: str,
@@ -174,10 +174,16 @@ async def finish_run(
     error_code: str | None = None,
     input_tokens: int = 0,
     output_tokens: int = 0,
-) -> None:
-    await session.execute(
+) -> bool:
+    """End a run that is still `running`; False when it had already ended.
+
+    The `status = 'running'` condition makes this the one place where a run ends: of any number
+    of writers (the run's owner, orphan sweeps on several instances) exactly one succeeds, and
+    only that one may store the run's terminal event (in the same transaction).
+    """
+    result = await session.execute(
         update(Run)
-        .where(Run.id == run_id)
+        .where(Run.id == run_id, Run.status == "running")
         .values(
             status=status,
             error_code=error_code,
@@ -185,7 +191,9 @@ async def finish_run(
             output_tokens=output_tokens,
             ended_at=utcnow(),
         )
+        .execution_options(synchronize_session=False)
     )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 async def running_runs(
@@ -210,11 +218,13 @@ async def events_after(
 
 
 async def reserve_seqs(session: AsyncSession, *, thread_id: str, count: int) -> int:
-    """Take `count` consecutive seqs of a thread; returns the last. Row-locks the thread."""
+    """Take `count` consecutive seqs of a thread; returns the last. Row-locks the thread (callers
+    reserving for several threads must do so in a fixed order, e.g. sorted ids, so that two
+    writers cannot deadlock) and marks the thread as updated now."""
     statement = (
         update(Thread)
         .where(Thread.id == thread_id)
-        .values(last_seq=Thread.last_seq + count)
+        .values(last_seq=Thread.last_seq + count, updated_at=utcnow())
         .returning(Thread.last_seq)
     )
     last = (await session.execute(statement)).scalar_one()

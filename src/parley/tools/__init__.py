@@ -34,7 +34,10 @@ class RunDeps:
     thread_id: str
     run_id: str
     db: Database
-    emit: Callable[[RunEvent], Awaitable[None]]
+    # Store and deliver one event of the run (after any streamed text before it).
+    emit: Callable[[RunEvent], Awaitable[RunEvent]]
+    # Stream answer text: coalesced into `agent_message_delta` events; never blocks.
+    text: Callable[[str], None]
 
 
 ToolFunction = Callable[..., Awaitable[Any]]
