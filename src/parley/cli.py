@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from parley import __version__, redact
+from parley import __version__, fdlimit, redact
 from parley.app import ParleyServer, create_app, drain
 from parley.auth import development_secret, mint_token
 from parley.config import Settings
@@ -83,6 +83,7 @@ def serve(
     settings = _settings(host=host, port=port)
     configure_logging(level=settings.log_level, fmt=settings.effective_log_format)
     redact.install()
+    fdlimit.raise_open_files_limit()
     raise typer.Exit(_run(_serve(settings)))
 
 
