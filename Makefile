@@ -10,7 +10,7 @@ WORKERS ?= 4
 # builds it once from the pinned source release, portably (no -march=native), and keeps the
 # wheel under var/wheels/, keyed by version and build flags.
 UV     := $(BIN)/uv --native-tls
-LOCKED := pyproject.toml requirements.lock scripts/build-llama.sh
+LOCKED := pyproject.toml requirements.lock scripts/build-llama.sh scripts/check-install.sh
 STAMP  := $(VENV)/.installed-$(shell cat $(LOCKED) 2>/dev/null | cksum | cut -d' ' -f1)
 
 .PHONY: install lock serve test test-fast lint format schema services-stop clean
@@ -24,7 +24,7 @@ $(STAMP): $(LOCKED)
 	  $(UV) pip install --quiet --python $(BIN)/python --no-deps --reinstall-package llama-cpp-python "$$wheel"
 	$(UV) pip install --quiet --python $(BIN)/python --compile-bytecode --no-deps -r requirements.lock
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
-	$(UV) pip check --quiet --python $(BIN)/python
+	scripts/check-install.sh $(BIN)/python
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
