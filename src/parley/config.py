@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     # Storage and delivery.
     database_url: str | None = None
     redis_url: str | None = None
+    # How long the event log holds a run's events in memory and retries while the database is
+    # unreachable (a restart, a failover) before the run ends with `storage_unavailable`.
+    database_outage_grace_s: float = Field(default=10.0, ge=0)
+    # At most this many events wait in memory for the database during an outage; past it, runs
+    # end with `storage_unavailable` rather than the process running out of memory.
+    database_outage_backlog: int = Field(default=50_000, ge=1)
+    # How long connections may be cut off from other instances' events (Redis unreachable)
+    # before they are closed with 1013 so that clients reconnect and resume.
+    event_bus_outage_grace_s: float = Field(default=10.0, ge=0)
 
     # Authentication.
     jwt_secret: SecretStr | None = None

@@ -60,3 +60,12 @@ class LLMError(ParleyError):
     """The provider refused the request (bad key, unknown model): retrying will not help."""
 
     code = "llm_error"
+
+
+class StorageUnavailable(ParleyError):
+    """The database stayed unreachable for longer than `DATABASE_OUTAGE_GRACE_S` (or too much
+    was waiting for it): what the run produced since could not be stored. Asking again once the
+    database is back works."""
+
+    code = "storage_unavailable"
+    retryable = True

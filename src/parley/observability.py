@@ -152,6 +152,27 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.database_outage = Gauge(
+            "parley_database_outage",
+            "1 while the event log cannot reach the database and retries",
+            registry=r,
+        )
+        self.eventlog_backlog = Gauge(
+            "parley_eventlog_backlog",
+            "Events and run ends held in memory while the database is unreachable",
+            registry=r,
+        )
+        self.eventlog_retries = Counter(
+            "parley_eventlog_retries",
+            "Event batch commits retried after a database error",
+            registry=r,
+        )
+        self.eventlog_refused = Counter(
+            "parley_eventlog_refused",
+            "Events not stored because the database outage outlasted the grace or the backlog",
+            ["reason"],
+            registry=r,
+        )
         self.supervisor_accepting = Gauge(
             "parley_supervisor_accepting", "1 while the supervisor accepts runs", registry=r
         )

@@ -189,7 +189,13 @@ async def _event_bus_phase(ctx: _Context) -> EventBus:
         await bus.close()
         raise
     ctx.cleanup.push_async_callback(bus.close)
-    event_log = EventLog(db, bus, ctx.metrics)
+    event_log = EventLog(
+        db,
+        bus,
+        ctx.metrics,
+        outage_grace_s=settings.database_outage_grace_s,
+        backlog_limit=settings.database_outage_backlog,
+    )
     writer = asyncio.create_task(event_log.run(), name="event-log-writer")
     ctx.tasks.append(writer)
 

@@ -14,6 +14,15 @@ per thread and one multi-row insert. Publishing happens after the commit and nev
 network (see `EventBus.publish`), so a slow Redis cannot stall the writes. Submitting is
 synchronous (`submit` returns a future): a run keeps reading its model while the writer commits,
 and order is kept because there is one queue and one writer.
+
+A database that goes away for a few seconds (a restart, a failover) does not fail the runs in
+flight: the writer retries the batch's commit with backoff for `outage_grace_s` (see
+`store/outage.py`) while new work queues up in memory, at most `backlog_limit` events. During
+the outage a new message is refused at once (`unavailable`, its client retries). Past the grace
+the events that were waiting fail with `StorageUnavailable`, so their runs end with
+`agent_error storage_unavailable`; run ends (`Finish`) keep waiting, so that this terminal event
+is stored as soon as the database is back. A commit whose acknowledgement is lost with the
+connection is retried too: that rare case can store a batch twice.
 """
 
 from __future__ import annotations
@@ -30,12 +39,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.bus import Delivery, EventBus
-from parley.errors import NotFound, Unavailable
+from parley.errors import NotFound, StorageUnavailable, Unavailable
 from parley.observability import Metrics, get_logger
 from parley.protocol import AgentStarted, RunEvent, TerminalEvent, Usage
 from parley.store import queries
 from parley.store.db import Database
 from parley.store.models import Event, utcnow
+from parley.store.outage import Outage, is_transient
 
 log = get_logger(__name__)
 
@@ -102,12 +112,24 @@ class _Work:
 
 
 class EventLog:
-    def __init__(self, db: Database, bus: EventBus, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        metrics: Metrics,
+        *,
+        outage_grace_s: float = 10.0,
+        backlog_limit: int = 50_000,
+    ) -> None:
         self._db = db
         self._bus = bus
         self._metrics = metrics
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._closed = False
+        self._outage = Outage(outage_grace_s)
+        self._backlog_limit = backlog_limit
+        self._retrying: list[_Work] = []  # the batch waiting for the database, if any
+        self._flushing = False
 
     def submit(self, user_id: str, event: E) -> asyncio.Future[E]:
         """Queue `event` (thread_id and run_id set); the future gets it back stored, with seq
@@ -135,8 +157,27 @@ class EventLog:
         if self._closed:
             raise Unavailable("the event log is closed")
         work = _Work(user_id, item, asyncio.get_running_loop().create_future())
+        if self._outage.active and (refusal := self._outage_refusal(item)) is not None:
+            work.done.set_exception(refusal)
+            return work.done
         self._queue.put_nowait(work)
         return work.done
+
+    def _outage_refusal(self, item: Intake | Finish | RunEvent) -> StorageUnavailable | None:
+        """Why a run event cannot wait for the database any more, if it cannot. Messages and
+        run ends always go to the writer (a message is the probe that ends an outage when no
+        run is in flight; a run's end waits for the database)."""
+        if isinstance(item, Intake | Finish):
+            return None
+        if self._outage.past_grace():
+            self._metrics.eventlog_refused.labels(reason="grace").inc()
+            return StorageUnavailable(
+                f"the database has been unreachable for over {self._outage.grace_s:g}s"
+            )
+        if self._queue.qsize() + len(self._retrying) >= self._backlog_limit:
+            self._metrics.eventlog_refused.labels(reason="backlog").inc()
+            return StorageUnavailable("too many events are waiting for the database")
+        return None
 
     # ------------------------------------------------------------------ the writer
 
@@ -154,6 +195,10 @@ class EventLog:
 
     async def flush(self) -> None:
         """Write everything queued now (used at shutdown, after the writer task stopped)."""
+        self._flushing = True  # past the grace, nothing waits for the database any more
+        pending, self._retrying = self._retrying, []
+        if pending:
+            await self._write_batch(pending)
         while not self._queue.empty():
             batch: list[_Work] = []
             while len(batch) < MAX_BATCH and not self._queue.empty():
@@ -162,14 +207,17 @@ class EventLog:
 
     async def _write_batch(self, batch: list[_Work]) -> None:
         started = time.perf_counter()
-        try:
-            results, stored = await self._persist(batch)
-        except Exception as exc:
-            log.exception("eventlog.write_failed", batch=len(batch))
-            for work in batch:
-                if not work.done.done():
-                    work.done.set_exception(Unavailable(f"could not persist event: {exc}"))
-            return
+        while True:
+            try:
+                results, stored = await self._persist(batch)
+                break
+            except Exception as exc:
+                batch = await self._after_failure(batch, exc)
+                if not batch:
+                    return
+                started = time.perf_counter()
+        if self._outage.active:
+            self._database_back()
         self._metrics.eventlog_batch_size.observe(len(batch))
         self._metrics.eventlog_commit_seconds.observe(time.perf_counter() - started)
         for work, result in zip(batch, results, strict=True):
@@ -185,6 +233,60 @@ class EventLog:
                 work.done.set_exception(result)
             else:
                 work.done.set_result(result)
+
+    # ------------------------------------------------------------------ database outages
+
+    async def _after_failure(self, batch: list[_Work], exc: Exception) -> list[_Work]:
+        """What to retry after a failed commit (after a backoff delay); empty when nothing."""
+        if not is_transient(exc):
+            log.exception("eventlog.write_failed", batch=len(batch))
+            _fail(batch, Unavailable(f"could not persist event: {exc}"))
+            return []
+        if not self._outage.active:
+            self._outage.begin()
+            self._metrics.database_outage.set(1)
+            log.warning(
+                "eventlog.database_unreachable; holding events",
+                error=type(exc).__name__,
+                grace_s=self._outage.grace_s,
+            )
+        self._metrics.eventlog_retries.inc()
+        batch = self._sift(batch)
+        self._retrying = batch
+        self._metrics.eventlog_backlog.set(len(batch) + self._queue.qsize())
+        if batch:
+            await asyncio.sleep(self._outage.next_delay())
+        return batch
+
+    def _sift(self, batch: list[_Work]) -> list[_Work]:
+        """Answer, from the batch and the queue, what must not wait for the database: new
+        messages always, run events once the grace is spent (and at shutdown, run ends too).
+        Returns the batch to retry; the rest of the queue keeps its order."""
+        past_grace = self._outage.past_grace()
+        queued: list[_Work] = []
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+        keep: list[_Work] = []
+        for index, work in enumerate(batch + queued):
+            if isinstance(work.item, Intake):
+                _fail([work], Unavailable("the database is unavailable; retry"))
+            elif past_grace and (self._flushing or not isinstance(work.item, Finish)):
+                self._metrics.eventlog_refused.labels(reason="grace").inc()
+                _fail([work], StorageUnavailable("the database stayed unreachable"))
+            elif index < len(batch) or past_grace:
+                keep.append(work)  # past the grace, waiting run ends join the retried batch
+            else:
+                self._queue.put_nowait(work)
+        return keep
+
+    def _database_back(self) -> None:
+        lasted = self._outage.end()
+        self._retrying = []
+        self._metrics.database_outage.set(0)
+        self._metrics.eventlog_backlog.set(0)
+        log.info("eventlog.database_back", outage_s=round(lasted, 2))
+
+    # ------------------------------------------------------------------ one transaction
 
     async def _persist(
         self, batch: list[_Work]
@@ -219,6 +321,12 @@ class EventLog:
             for (work, _), (event, frame) in zip(to_store, stored, strict=True)
         ]
         return results, deliveries
+
+
+def _fail(works: list[_Work], error: Exception) -> None:
+    for work in works:
+        if not work.done.done():
+            work.done.set_exception(error)
 
 
 def _notify_stored(intake: Intake, accepted: Accepted) -> None:
