@@ -9,7 +9,9 @@ channels of the users connected to it and fans out locally exactly as the in-pro
 must not stall the writes of every run. An instance's own connections get its events directly
 (never through Redis), so they do not depend on Redis at all. Redis pub/sub delivers at most
 once: what a blip drops, each connection fetches from the store (see `on_reconnect` and the
-transport's gap filling).
+transport's gap filling). An outage longer than `outage_grace_s` is announced (`on_outage`):
+connections are then closed so that their clients reconnect and resume rather than wait for
+events of other instances that cannot arrive.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
@@ -41,6 +44,8 @@ ControlHandler = Callable[[dict[str, str]], None]
 # Called after the bus was cut off from other instances and is back: what was published
 # meanwhile was not delivered, and connections must fetch it from the store.
 ReconnectHandler = Callable[[], None]
+# Called once per outage, when the bus has been cut off for longer than its grace.
+OutageHandler = Callable[[], None]
 
 
 class Subscription(Protocol):
@@ -60,6 +65,7 @@ class EventBus(Protocol):
     async def flush(self, timeout_s: float) -> None: ...
     def on_control(self, handler: ControlHandler) -> None: ...
     def on_reconnect(self, handler: ReconnectHandler) -> None: ...
+    def on_outage(self, handler: OutageHandler) -> None: ...
     async def publish_control(self, message: dict[str, str]) -> None: ...
 
 
@@ -135,6 +141,9 @@ class InProcessBus:
     def on_reconnect(self, handler: ReconnectHandler) -> None:
         return None  # never cut off
 
+    def on_outage(self, handler: OutageHandler) -> None:
+        return None
+
     async def subscribe(self, user_id: str, sink: Sink) -> Subscription:
         self._fanout.add(user_id, sink)
         return _LocalSubscription(lambda: self._fanout.remove(user_id, sink))
@@ -155,7 +164,7 @@ class RedisBus:
     name = "redis"
     spans_instances = True
 
-    def __init__(self, url: str, *, instance_id: str = "") -> None:
+    def __init__(self, url: str, *, instance_id: str = "", outage_grace_s: float = 10.0) -> None:
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
         )
@@ -164,6 +173,8 @@ class RedisBus:
         self._fanout = _LocalFanout()
         self._control: list[ControlHandler] = []
         self._reconnect: list[ReconnectHandler] = []
+        self._outage: list[OutageHandler] = []
+        self._outage_grace_s = outage_grace_s
         # Channels this instance wants, and those Redis has confirmed; the reader subscribes
         # the difference (a SUBSCRIBE that failed, e.g. during a blip, is retried there).
         self._wanted: set[str] = set()
@@ -179,6 +190,9 @@ class RedisBus:
 
     def on_reconnect(self, handler: ReconnectHandler) -> None:
         self._reconnect.append(handler)
+
+    def on_outage(self, handler: OutageHandler) -> None:
+        self._outage.append(handler)
 
     async def publish_control(self, message: dict[str, str]) -> None:
         await self._client.publish(_CONTROL_CHANNEL, json.dumps(message))
@@ -270,7 +284,8 @@ class RedisBus:
                     self._published.set()
 
     async def _read_forever(self) -> None:
-        cut_off = False
+        cut_off_since: float | None = None
+        announced = False
         while True:
             try:
                 await self._subscribe_missing()
@@ -278,16 +293,21 @@ class RedisBus:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not cut_off:
+                now = time.monotonic()
+                if cut_off_since is None:
+                    cut_off_since = now
                     log.warning("bus.redis_read_failed; retrying", error=type(exc).__name__)
-                cut_off = True
+                elif not announced and now - cut_off_since >= self._outage_grace_s:
+                    announced = True
+                    log.error("bus.redis_outage_outlasted_grace", grace_s=self._outage_grace_s)
+                    _call_each(self._outage, "bus.outage_handler_failed")
                 self._subscribed.clear()  # redis-py resubscribes on reconnect; we check
                 await asyncio.sleep(0.5)
                 continue
-            if cut_off:
-                cut_off = False
+            if cut_off_since is not None:
+                cut_off_since, announced = None, False
                 log.info("bus.redis_reconnected")
-                self._notify_reconnect()
+                _call_each(self._reconnect, "bus.reconnect_handler_failed")
             if message is None or message.get("type") != "message":
                 continue
             try:
@@ -313,13 +333,6 @@ class RedisBus:
         user_id = channel.removeprefix(_CHANNEL_PREFIX)
         self._fanout.deliver(Delivery(user_id, thread_id, int(seq), frame))
 
-    def _notify_reconnect(self) -> None:
-        for handler in self._reconnect:
-            try:
-                handler()
-            except Exception:
-                log.exception("bus.reconnect_handler_failed")
-
     def _dispatch_control(self, data: str) -> None:
         try:
             message = json.loads(data)
@@ -331,6 +344,14 @@ class RedisBus:
                 handler(message)
             except Exception:
                 log.exception("bus.control_handler_failed")
+
+
+def _call_each(handlers: list[Callable[[], None]], failure_event: str) -> None:
+    for handler in handlers:
+        try:
+            handler()
+        except Exception:
+            log.exception(failure_event)
 
 
 def _decode(value: bytes | str) -> str:

@@ -179,7 +179,11 @@ async def _event_bus_phase(ctx: _Context) -> EventBus:
     settings: Settings = ctx.need("settings")
     db: Database = ctx.need("database")
     bus: EventBus = (
-        RedisBus(settings.redis_url, instance_id=ctx.instance_id)
+        RedisBus(
+            settings.redis_url,
+            instance_id=ctx.instance_id,
+            outage_grace_s=settings.event_bus_outage_grace_s,
+        )
         if settings.redis_url
         else InProcessBus()
     )

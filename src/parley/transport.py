@@ -49,7 +49,9 @@ log = get_logger(__name__)
 CLOSE_GOING_AWAY = 1001
 CLOSE_TOO_LARGE = 1009
 CLOSE_INTERNAL = 1011
-CLOSE_TRY_AGAIN_LATER = 1013  # the client fell too far behind; see docs/protocol.md
+# The client fell too far behind, or the event bus was cut off for too long: reconnect and
+# resume (see docs/protocol.md).
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_ORIGIN = 4403
 CLOSE_HEARTBEAT = 4408
@@ -106,6 +108,7 @@ class Transport:
         self._none_open.set()
         self._accepting = True
         bus.on_reconnect(self._catch_up)
+        bus.on_outage(self._bus_outage)
 
     @property
     def authenticator(self) -> Authenticator:
@@ -118,6 +121,14 @@ class Transport:
     def _catch_up(self) -> None:
         for connection in self._connections:
             connection.delivery.catch_up()
+
+    def _bus_outage(self) -> None:
+        """Redis has been unreachable for longer than its grace: events of runs on other
+        instances cannot arrive, and no later event will reveal the gap. Say so rather than
+        leave clients waiting: what is queued is sent, then 1013; a client that reconnects and
+        resumes gets everything from the store."""
+        for connection in self._connections:
+            connection.enqueue(Close(CLOSE_TRY_AGAIN_LATER, "event bus unavailable; resume"))
 
     # ------------------------------------------------------------------ handshake
 
