@@ -105,6 +105,12 @@ async def _serve(settings: Settings) -> int:
         # Larger than Parley's own cap, so an oversized frame gets the protocol's error frame
         # and close 1009 from Parley; frames beyond this are refused by the library itself.
         ws_max_size=max(settings.max_message_bytes * 4, 1 << 20),
+        # No protocol-level pings from the server: Parley's own heartbeat (`ping` frames, close
+        # 4408) and its send queue (close 1013) decide when a silent or stalled client is
+        # closed. uvicorn's keepalive would otherwise close a client that stops reading with
+        # 1011 "keepalive ping timeout", a code the protocol reserves for internal errors.
+        ws_ping_interval=None,
+        ws_ping_timeout=None,
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=5,

@@ -76,9 +76,12 @@ class _Connection:
     ws: WebSocket
     delivery: ConnectionDelivery
     last_received: float = field(default_factory=time.monotonic)
+    closing: Close | None = None  # the first close queued, sent or not
 
     def enqueue(self, frame: str | Close) -> None:
         """Queue a frame that is not a run event (errors, pongs, acknowledgements)."""
+        if isinstance(frame, Close) and self.closing is None and not self.delivery.outbox.closed:
+            self.closing = frame
         try:
             self.delivery.outbox.put(frame)
         except Overflow:
@@ -219,6 +222,10 @@ class Transport:
                 self._metrics.send_queue_overflows.inc()
                 log.warning("transport.send_queue_overflow", connection_id=connection.id)
                 await _close(connection.ws, CLOSE_TRY_AGAIN_LATER, "client too slow; resume")
+            elif connection.closing is not None:
+                # A close (heartbeat, expiry) that waited behind frames a stalled client never
+                # read: send it now, so the client learns the documented code when it reads on.
+                await _close(connection.ws, connection.closing.code, connection.closing.reason)
         finally:
             await subscription.close()
 
