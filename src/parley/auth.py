@@ -35,6 +35,11 @@ class Identity:
     user_id: str
     claims: dict[str, Any]
 
+    @property
+    def expires_at(self) -> float:
+        """The token's `exp` (seconds since the epoch); validation made it present and numeric."""
+        return float(self.claims["exp"])
+
 
 class JwksCache:
     def __init__(self, auth_service_url: str, client: httpx.AsyncClient) -> None:

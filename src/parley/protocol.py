@@ -35,10 +35,20 @@ MAX_SEQ = 2**31 - 1
 # keeping the parser far from Python's recursion limit.
 MAX_JSON_DEPTH = 32
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+# A compact JWT is three base64url parts; real ones stay under a few kilobytes, even with
+# many claims. The pattern refuses whitespace, controls and anything beyond ASCII before the
+# token reaches the JWT library (which would fail on a lone surrogate with no clear message).
+MAX_TOKEN_CHARS = 16384
+_TOKEN_CHARACTERS = re.compile(r"[!-~]+")
 
 
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_iso(datetime.now(UTC))
+
+
+def utc_iso(moment: datetime) -> str:
+    """`moment` as the wire writes times: ISO-8601 UTC with milliseconds and a `Z` suffix."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------- client messages
@@ -84,6 +94,31 @@ class Resume(_ClientMessage):
     after_seq: Annotated[StrictInt, Field(ge=0, le=MAX_SEQ)]
 
 
+def _token_characters(value: str) -> str:
+    if _TOKEN_CHARACTERS.fullmatch(value) is None:
+        raise ValueError("must be a compact JWT: visible ASCII characters only, no spaces")
+    return value
+
+
+Token = Annotated[
+    StrictStr,
+    # The pattern is for the schema's readers; the validator gives the clearer message.
+    Field(
+        min_length=1,
+        max_length=MAX_TOKEN_CHARS,
+        json_schema_extra={"pattern": f"^{_TOKEN_CHARACTERS.pattern}$"},
+    ),
+    AfterValidator(_token_characters),
+]
+
+
+class Authenticate(_ClientMessage):
+    """Replace the connection's token (before it expires) with a newer one of the same user."""
+
+    type: Literal["authenticate"]
+    token: Token
+
+
 class Ping(_ClientMessage):
     type: Literal["ping"]
 
@@ -93,9 +128,9 @@ class Pong(_ClientMessage):
 
 
 ClientMessage = Annotated[
-    UserMessage | StopAgent | Resume | Ping | Pong, Field(discriminator="type")
+    UserMessage | StopAgent | Resume | Authenticate | Ping | Pong, Field(discriminator="type")
 ]
-CLIENT_TYPES = frozenset({"user_message", "stop_agent", "resume", "ping", "pong"})
+CLIENT_TYPES = frozenset({"user_message", "stop_agent", "resume", "authenticate", "ping", "pong"})
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
 
@@ -183,6 +218,17 @@ class SystemMessage(ServerFrame):
     server_version: str
     heartbeat_interval_s: float
     model: str | None = None
+    # When the connection's token expires (its `exp`): the connection is closed with 4401
+    # then, unless the client sends `authenticate` with a newer token first.
+    token_expires_at: str
+
+
+class Authenticated(ServerFrame):
+    """The answer to `authenticate`: the connection now runs on the new token."""
+
+    type: Literal["authenticated"] = "authenticated"
+    user_id: str
+    token_expires_at: str
 
 
 class PingFrame(ServerFrame):
@@ -296,6 +342,7 @@ ServerMessage = Annotated[
     SystemMessage
     | PingFrame
     | PongFrame
+    | Authenticated
     | ErrorFrame
     | MessageAccepted
     | ResumeComplete

@@ -5,7 +5,9 @@ Invariants:
 - nothing but `error unauthorized` is sent before authentication succeeds;
 - one slow client never stalls a run or other clients: events are only *enqueued* for a
   connection; a connection whose queue overflows is closed (1013) and can `resume`;
-- on one connection each run event is sent at most once and in `seq` order per thread.
+- on one connection each run event is sent at most once and in `seq` order per thread;
+- nothing is queued for a connection after its token's `exp`: it is closed with 4401 then,
+  unless the client replaced the token (`authenticate`) with a newer one of the same user.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -27,6 +30,8 @@ from parley.errors import NotFound, ParleyError
 from parley.observability import Metrics, get_logger
 from parley.protocol import (
     PROTOCOL_VERSION,
+    Authenticate,
+    Authenticated,
     ErrorFrame,
     MessageAccepted,
     Ping,
@@ -39,6 +44,7 @@ from parley.protocol import (
     SystemMessage,
     UserMessage,
     parse_client_message,
+    utc_iso,
 )
 from parley.store import queries
 from parley.store.db import Database
@@ -57,6 +63,7 @@ CLOSE_ORIGIN = 4403
 CLOSE_HEARTBEAT = 4408
 CLOSE_TOO_MANY = 4429
 _BEARER_PREFIX = "bearer."
+_KEPT = "; the connection keeps its current token"
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,9 @@ class _Connection:
     user_id: str
     ws: WebSocket
     delivery: ConnectionDelivery
+    token_expires_at: float  # the current token's `exp`, seconds since the epoch
     last_received: float = field(default_factory=time.monotonic)
+    expiry: asyncio.TimerHandle | None = None
     closing: Close | None = None  # the first close queued, sent or not
 
     def enqueue(self, frame: str | Close) -> None:
@@ -167,6 +176,7 @@ class Transport:
             delivery=ConnectionDelivery(
                 Outbox(self._config.send_queue_size), self._read_page, holding=True
             ),
+            token_expires_at=identity.expires_at,
         )
         self._per_user.add(user_id)
         self._connections.add(connection)
@@ -189,12 +199,14 @@ class Transport:
                 server_version=__version__,
                 heartbeat_interval_s=self._config.heartbeat_interval_s,
                 model=self._config.model_label,
+                token_expires_at=_iso(connection.token_expires_at),
             ).to_json()
         )
         delivery = connection.delivery
         subscription = await self._bus.subscribe(connection.user_id, delivery.deliver)
         try:
             release = asyncio.get_running_loop().call_later(RESUME_HOLD_S, delivery.release_held)
+            self._expire_at(connection, connection.token_expires_at)
             tasks = [
                 asyncio.create_task(self._receive(connection), name="ws-receive"),
                 asyncio.create_task(self._send(connection), name="ws-send"),
@@ -206,6 +218,8 @@ class Transport:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 release.cancel()
+                if connection.expiry is not None:
+                    connection.expiry.cancel()
                 for task in tasks:
                     task.cancel()
                 results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -302,6 +316,53 @@ class Transport:
                 await self._resume(connection, message)
             except ParleyError as exc:
                 self._error(connection, exc.code, exc.message)
+        elif isinstance(message, Authenticate):
+            await self._authenticate(connection, message)
+
+    # ------------------------------------------------------------------ token lifetime
+
+    async def _authenticate(self, connection: _Connection, message: Authenticate) -> None:
+        """Replace the connection's token. A refused token changes nothing: the connection
+        keeps its old token, and with it its old expiry."""
+        try:
+            identity = await self._auth.authenticate(message.token)
+        except ParleyError as exc:
+            self._error(connection, "unauthorized", f"token refused: {exc.message}{_KEPT}")
+            return
+        except Exception:
+            log.exception("transport.authenticate_failed", connection_id=connection.id)
+            self._error(connection, "unavailable", "the token could not be checked now; retry")
+            return
+        if identity.user_id != connection.user_id:
+            # One connection is one user for its whole life (its subscriptions, its limits):
+            # switching users takes a new connection.
+            self._error(
+                connection,
+                "unauthorized",
+                f"token refused: it is for another user ('sub' differs){_KEPT}; "
+                "open a new connection to switch users",
+            )
+            return
+        self._expire_at(connection, identity.expires_at)
+        connection.enqueue(
+            Authenticated(
+                user_id=identity.user_id, token_expires_at=_iso(identity.expires_at)
+            ).to_json()
+        )
+
+    def _expire_at(self, connection: _Connection, expires_at: float) -> None:
+        if connection.expiry is not None:
+            connection.expiry.cancel()
+        connection.token_expires_at = expires_at
+        delay = max(0.0, expires_at - time.time())
+        connection.expiry = asyncio.get_running_loop().call_later(
+            delay, self._token_expired, connection
+        )
+
+    def _token_expired(self, connection: _Connection) -> None:
+        log.info("transport.token_expired", connection_id=connection.id)
+        self._error(connection, "unauthorized", "token expired")
+        connection.enqueue(Close(CLOSE_UNAUTHORIZED, "token expired"))
 
     async def _user_message(self, connection: _Connection, message: UserMessage) -> None:
         def accepted(result: Accepted) -> None:
@@ -373,6 +434,14 @@ def _bearer_token(authorization: str | None, subprotocols: list[str]) -> str | N
         if protocol.startswith(_BEARER_PREFIX) and len(protocol) > len(_BEARER_PREFIX):
             return protocol[len(_BEARER_PREFIX) :]
     return None
+
+
+# The last second `datetime` can show; a token may name a later `exp` (it is valid JSON).
+_LATEST = datetime.max.replace(tzinfo=UTC).timestamp() - 86400
+
+
+def _iso(epoch_seconds: float) -> str:
+    return utc_iso(datetime.fromtimestamp(min(epoch_seconds, _LATEST), UTC))
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:

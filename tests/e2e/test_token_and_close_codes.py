@@ -1,5 +1,5 @@
-"""A client that stops reading is closed with a documented code (issue 14, row 6;
-docs/protocol.md, Connections)."""
+"""Tokens expire on open connections, `authenticate` refreshes them, and a stalled client is
+closed with a documented code (issue 14, rows 6 and 7; docs/protocol.md, Connections)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,183 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import httpx
+import jwt
 import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Text
-from tests.harness import TERMINAL, make_token, unique_user
+from tests.harness import JWT_SECRET, TERMINAL, Client, ServerProcess, make_token, unique_user
+
+
+def token_until(user: str, exp: int) -> str:
+    return jwt.encode({"sub": user, "iat": int(time.time()), "exp": exp}, JWT_SECRET, "HS256")
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+@contextlib.asynccontextmanager
+async def connect(server: ServerProcess, token: str) -> AsyncIterator[Client]:
+    """A recording client on `token` (the harness's own `connect` mints hour-long tokens)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+        client = Client(ws)
+        client.hello = await client.recv()
+        assert client.hello["type"] == "system_message", client.hello
+        yield client
+
+
+async def until_closed(client: Client, timeout: float) -> tuple[list[dict[str, Any]], Any, float]:
+    """Every frame until the server closes: (frames, the close frame received, time.time())."""
+    frames = []
+    try:
+        while True:
+            frames.append(await client.recv(timeout=timeout))
+    except ConnectionClosed as closed:
+        return frames, closed.rcvd, time.time()
+
+
+async def still_served(client: Client) -> None:
+    await client.send({"type": "ping"})
+    assert (await client.recv())["type"] == "pong"
+
+
+# --------------------------------------------------------------------------- row 7: expiry
+
+
+async def test_a_connection_is_closed_4401_token_expired_at_its_tokens_exp(
+    server: ServerProcess,
+) -> None:
+    exp = int(time.time()) + 3
+    async with connect(server, token_until(unique_user(), exp)) as client:
+        assert epoch(client.hello["token_expires_at"]) == exp
+        frames, close, closed_at = await until_closed(client, timeout=15)
+    assert frames == [
+        {"type": "error", "ts": frames[0]["ts"], "code": "unauthorized", "message": "token expired"}
+    ]
+    assert (close.code, close.reason) == (4401, "token expired")
+    # At exp: not before it (the timer runs on the server's clock, which is this machine's);
+    # the upper bound only says "not never".
+    assert exp - 0.1 <= closed_at < exp + 10
+
+
+async def test_a_refreshed_connection_outlives_its_first_token_and_keeps_getting_live_events(
+    server: ServerProcess, fake_llm: FakeLLM
+) -> None:
+    user = unique_user()
+    first_exp = int(time.time()) + 3
+    # Streams for about five seconds: from before the first token's exp to well after it.
+    trigger = fake_llm.script(
+        f"R{uuid.uuid4().hex[:8]}", Text("tick " * 100, chunk=5, delay_s=0.05)
+    )
+    async with connect(server, token_until(user, first_exp)) as client:
+        accepted = await client.ask(f"stream across the expiry {trigger}")
+        assert accepted["type"] == "message_accepted", accepted
+        second_exp = first_exp + 8
+        await client.send({"type": "authenticate", "token": token_until(user, second_exp)})
+        ack = await client.recv_type("authenticated")
+        assert ack["user_id"] == user
+        assert epoch(ack["token_expires_at"]) == second_exp
+        events = await client.run_events(accepted["run_id"], timeout=20)
+        assert events[-1]["type"] == "agent_completed"
+        assert time.time() > first_exp + 1
+        late = [e for e in events if epoch(e["ts"]) > first_exp + 0.5]
+        assert any(e["type"] == "agent_message_delta" for e in late), "no live event after exp"
+        await still_served(client)
+        # The new token expires in its turn.
+        frames, close, closed_at = await until_closed(client, timeout=15)
+    assert [(f["type"], f.get("message")) for f in frames] == [("error", "token expired")]
+    assert (close.code, close.reason) == (4401, "token expired")
+    assert second_exp - 0.1 <= closed_at < second_exp + 10
+    client.check_runs()
+
+
+def _unsigned(user: str, exp: int) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part({'sub': user, 'exp': exp})}."
+
+
+REFUSED_REFRESHES = {
+    # name: (the token, given the user and a later exp; what the error message says)
+    "another_user": (
+        lambda user, exp: token_until("someone-else-" + user, exp),
+        "it is for another user ('sub' differs)",
+    ),
+    "expired": (lambda user, exp: token_until(user, int(time.time()) - 60), "token expired"),
+    "wrong_key": (
+        lambda user, exp: make_token(user, secret="another-secret-" + "y" * 60),
+        "invalid token: Signature verification failed",
+    ),
+    "alg_none": (_unsigned, "token algorithm 'none' is not allowed"),
+    "not_a_jwt": (lambda user, exp: "not-a-jwt", "malformed token"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_REFRESHES))
+async def test_a_refused_refresh_is_an_error_and_the_connection_keeps_its_token(
+    server: ServerProcess, name: str, fake_llm: FakeLLM
+) -> None:
+    make, says = REFUSED_REFRESHES[name]
+    user = unique_user()
+    exp = int(time.time()) + 4
+    trigger = fake_llm.script(f"K{uuid.uuid4().hex[:8]}", Text("still mine"))
+    async with connect(server, token_until(user, exp)) as client:
+        await client.send({"type": "authenticate", "token": make(user, exp + 3600)})
+        error = await client.recv()
+        assert (error["type"], error["code"]) == ("error", "unauthorized"), error
+        assert error["message"].startswith(f"token refused: {says}"), error
+        assert "the connection keeps its current token" in error["message"], error
+        # Nothing lost: the connection serves its user as before ...
+        accepted = await client.ask(f"whose message is this? {trigger}")
+        assert accepted["type"] == "message_accepted", accepted
+        events = await client.run_events(accepted["run_id"])
+        assert events[-1]["content"] == "still mine"
+        # ... and still ends at the old token's exp.
+        frames, close, closed_at = await until_closed(client, timeout=15)
+    assert [(f["type"], f.get("message")) for f in frames] == [("error", "token expired")]
+    assert (close.code, close.reason) == (4401, "token expired")
+    assert exp - 0.1 <= closed_at < exp + 10
+    headers = {"Authorization": f"Bearer {make_token(user)}"}
+    async with httpx.AsyncClient(base_url=server.http, headers=headers) as http:
+        threads = (await http.get("/api/threads")).json()["threads"]
+    assert [t["id"] for t in threads] == [accepted["thread_id"]]
+
+
+MALFORMED_AUTHENTICATE: dict[str, Any] = {
+    "missing": {},
+    "null": {"token": None},
+    "number": {"token": 42},
+    "empty": {"token": ""},
+    "space": {"token": "abc def.ghi"},
+    "nul": {"token": "abc\u0000def"},
+    "lone_surrogate": '{"type": "authenticate", "token": "abc\\ud800def"}',
+    "non_ascii": {"token": "abcé.def.ghi"},
+    "too_long": {"token": "a" * 16385},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_AUTHENTICATE))
+async def test_a_malformed_authenticate_is_invalid_message_naming_the_token(
+    server: ServerProcess, name: str
+) -> None:
+    malformed = MALFORMED_AUTHENTICATE[name]
+    frame = malformed if isinstance(malformed, str) else {"type": "authenticate", **malformed}
+    async with server.connect(unique_user()) as client:
+        await (client.ws.send(frame) if isinstance(frame, str) else client.send(frame))
+        error = await client.recv()
+        assert (error["type"], error["code"]) == ("error", "invalid_message"), error
+        assert "field 'token'" in error["message"], error
+        await still_served(client)
 
 
 # --------------------------------------------------------------------------- row 6: stalls
