@@ -223,8 +223,10 @@ class Transport:
                 for task in tasks:
                     task.cancel()
                 results = await asyncio.gather(*tasks, return_exceptions=True)
+            failed = False
             for task, result in zip(tasks, results, strict=True):
                 if isinstance(result, Exception):
+                    failed = True
                     log.error(
                         "transport.connection_task_failed",
                         connection_id=connection.id,
@@ -240,6 +242,9 @@ class Transport:
                 # A close (heartbeat, expiry) that waited behind frames a stalled client never
                 # read: send it now, so the client learns the documented code when it reads on.
                 await _close(connection.ws, connection.closing.code, connection.closing.reason)
+            elif failed:
+                # Without this the client would see the socket drop (1006) and not know why.
+                await _close(connection.ws, CLOSE_INTERNAL, "internal error")
         finally:
             await subscription.close()
 
