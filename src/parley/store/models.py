@@ -1,4 +1,5 @@
-"""Tables: users, threads, messages, runs and the event log (per-thread `seq`).
+"""Tables: users, threads, messages, runs, the event log (per-thread `seq`) and the serving
+instances with their leases.
 
 Every row that a user can see carries `user_id`, so that each query can be scoped to its owner.
 """
@@ -79,7 +80,7 @@ class Run(Base):
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     # Which process owns the run while it is running: orphan recovery uses it.
-    instance_id: Mapped[str] = mapped_column(String(64))
+    instance_id: Mapped[str] = mapped_column(String(64), index=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -96,3 +97,16 @@ class Event(Base):
     # The exact frame sent on the wire, so a replay is byte-identical to the live delivery.
     frame: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Instance(Base):
+    """A serving process and its lease: alive while `heartbeat_at` (the database's clock, so
+    that no two machines' clocks are compared) is younger than `INSTANCE_LEASE_S`. A row whose
+    lease expired is never renewed again: that instance is dead for good, and a peer ends its
+    runs (see `supervisor/leases.py`)."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

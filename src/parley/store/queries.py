@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Interval, bindparam, delete, exists, func, select, update
+from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from parley.store.models import Event, Message, Run, Thread, User, utcnow
+from parley.store.models import Event, Instance, Message, Run, Thread, User, utcnow
 
 THREAD_TITLE_CHARS = 80
 
@@ -197,12 +198,84 @@ async def finish_run_if_running(
 
 
 async def running_runs(
-    session: AsyncSession, *, started_before: datetime | None = None
+    session: AsyncSession, *, started_before: datetime | None = None, instance_id: str | None = None
 ) -> Sequence[Run]:
     statement = select(Run).where(Run.status == "running")
     if started_before is not None:
         statement = statement.where(Run.started_at < started_before)
+    if instance_id is not None:
+        statement = statement.where(Run.instance_id == instance_id)
     return (await session.scalars(statement)).all()
+
+
+# ---------------------------------------------------------------------------- instance leases
+# Every time here is the database's own clock (`now()`), never a process's: instances on
+# different machines compare heartbeats without trusting each other's clocks.
+
+
+LEASE_GIVEN_UP = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _lease_start(lease: timedelta) -> object:
+    """The oldest heartbeat that still holds a lease of length `lease`, in database time."""
+    return func.now() - bindparam("lease", lease, type_=Interval())
+
+
+async def register_instance(session: AsyncSession, *, instance_id: str) -> None:
+    """Add this instance with a fresh lease."""
+    await session.execute(
+        insert_rows(Instance).values(id=instance_id, started_at=func.now(), heartbeat_at=func.now())
+    )
+
+
+async def renew_instance(session: AsyncSession, *, instance_id: str, lease: timedelta) -> bool:
+    """Extend the instance's lease if it still holds one; False when it has expired (or the
+    row is gone). An expired lease is never renewed: peers may already be ending the
+    instance's runs, so it must not take them back (it registers anew under another id)."""
+    result = await session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id, Instance.heartbeat_at >= _lease_start(lease))
+        .values(heartbeat_at=func.now())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def expire_instance(session: AsyncSession, *, instance_id: str) -> None:
+    """Give up the instance's lease now (a clean shutdown): peers forget it at their next
+    sweep, ending at once any run it left running."""
+    await session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id)
+        .values(heartbeat_at=LEASE_GIVEN_UP)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def expired_instances(
+    session: AsyncSession, *, lease: timedelta, except_id: str
+) -> Sequence[str]:
+    """Ids of instances whose lease has expired, other than `except_id`."""
+    statement = select(Instance.id).where(
+        Instance.heartbeat_at < _lease_start(lease), Instance.id != except_id
+    )
+    return (await session.scalars(statement)).all()
+
+
+async def forget_instance(session: AsyncSession, *, instance_id: str, lease: timedelta) -> bool:
+    """Delete an expired instance that has no running run left; False when it still has one
+    (or is alive, or gone already): then the row stays, and a later sweep ends those runs."""
+    has_running_run = exists().where(Run.instance_id == instance_id, Run.status == "running")
+    result = await session.execute(
+        delete(Instance)
+        .where(
+            Instance.id == instance_id,
+            Instance.heartbeat_at < _lease_start(lease),
+            ~has_running_run,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 async def events_after(
