@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from parley.agents.runner import AgentOutcome
 from parley.errors import ParleyError
@@ -51,6 +51,9 @@ class Run:
     deadline: float  # time.monotonic() by which the terminal event is written
     started: float = field(default_factory=time.monotonic)
     cancel_reason: str | None = None
+    # Set when the run is stopped because this instance lost its lease (see leases.py): it
+    # then ends as `agent_error interrupted`, as a peer taking it over would end it.
+    interruption: str | None = None
     stop_requested: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -63,6 +66,18 @@ class Run:
             self.cancel_reason = reason
         if not self.stop_requested.done():
             self.stop_requested.set_result(None)
+
+    def request_interrupt(self, message: str) -> None:
+        """Ask the run to end as `agent_error interrupted` (unless a stop came first)."""
+        if self.cancel_reason is None:
+            self.interruption = message
+        self.request_stop("interrupted")
+
+    def stopped_event(self) -> TerminalEvent:
+        """The terminal event of a run that was asked to stop."""
+        if self.interruption is not None:
+            return AgentError(code="interrupted", message=self.interruption, retryable=True)
+        return AgentCancelled(reason=self.cancel_reason or "cancelled")
 
 
 Body = Callable[[Run], Coroutine[Any, Any, AgentOutcome]]
@@ -82,7 +97,7 @@ async def own_run(
     outcome: AgentOutcome | None = None
     try:
         if run.cancel_reason is not None:  # stopped before it began
-            terminal = AgentCancelled(reason=run.cancel_reason)
+            terminal = run.stopped_event()
         else:
             terminal, outcome = await _run_body(run, body, run_timeout_s)
             if isinstance(terminal, AgentCompleted):
@@ -134,9 +149,9 @@ async def _run_body(
                 message=f"the run did not finish within {run_timeout_s:g}s",
                 retryable=True,
             ), None
-        return AgentCancelled(reason=run.cancel_reason or "cancelled"), None
+        return run.stopped_event(), None
     if run.body.cancelled():
-        return AgentCancelled(reason=run.cancel_reason or "cancelled"), None
+        return run.stopped_event(), None
     exc = run.body.exception()
     if exc is not None:
         return error_event(run.run_id, exc), None
