@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from types import FrameType
 from typing import Any
 
@@ -31,6 +31,7 @@ from parley.fdlimit import OpenFilesGuard
 from parley.health import Readiness, ServingState
 from parley.observability import get_logger
 from parley.startup import Components
+from parley.supervisor.leases import InstanceLease
 from parley.web import STATIC_DIR
 from parley.web.security import SecurityHeaders
 
@@ -48,17 +49,26 @@ def create_app(components: Components, state: ServingState | None = None) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Before the port opens. On SQLite this process is the only server of the file, so
-        # every run still `running` was left by one that died; elsewhere only runs past their
-        # deadline are (see Supervisor.recover_orphans).
+        # every run still `running` was left by one that died. On a shared database a run is
+        # an orphan when its instance's lease expired (supervisor/leases.py), or, for runs of
+        # no known instance, when it is past its deadline (Supervisor.recover_orphans).
+        lease = await _take_lease(components)
         await components.supervisor.recover_orphans(all_running=components.db.is_sqlite)
-        watchdog = asyncio.create_task(_watchdog(components), name="supervisor-watchdog")
+        renewing = None
+        if lease is not None:
+            await lease.sweep()
+            renewing = _start(lease.run(), "instance-lease")
+        watchdog = _start(_watchdog(components), "supervisor-watchdog")
         try:
             yield
         finally:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
-            await drain(components, state)
+            await _stop(watchdog)
+            try:
+                await drain(components, state)
+            finally:
+                # Renewed through the drain (which can outlast a lease), given up after it.
+                if lease is not None and renewing is not None:
+                    await _give_up(lease, renewing)
 
     # The OpenAPI UI loads its assets from a CDN: development only (the schema is always there).
     development = components.settings.environment.value == "development"
@@ -111,6 +121,41 @@ async def drain(components: Components, state: ServingState) -> None:
     await components.bus.flush(timeout_s=5.0)
     await components.transport.close_all()
     log.info("shutdown.drained")
+
+
+async def _take_lease(components: Components) -> InstanceLease | None:
+    """Register this instance's lease on a shared database (none on SQLite: one process)."""
+    if components.db.is_sqlite:
+        return None
+    settings = components.settings
+    lease = InstanceLease(
+        db=components.db,
+        supervisor=components.supervisor,
+        instance_id=components.instance_id,
+        heartbeat_s=settings.instance_heartbeat_s,
+        lease_s=settings.instance_lease_s,
+    )
+    await lease.register()
+    return lease
+
+
+async def _give_up(lease: InstanceLease, renewing: asyncio.Task[None]) -> None:
+    await _stop(renewing)
+    try:
+        await lease.release()
+    except Exception:
+        # Peers then take over whatever is left once the lease runs out by itself.
+        log.exception("shutdown.lease_release_failed")
+
+
+def _start(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    return asyncio.create_task(coro, name=name)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _watchdog(components: Components) -> None:

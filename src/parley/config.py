@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=60, ge=1)
     history_messages: int = Field(default=20, ge=0)
 
+    # Instance leases (PostgreSQL): each instance renews its heartbeat every
+    # INSTANCE_HEARTBEAT_S; one silent for INSTANCE_LEASE_S is dead and a peer ends its runs.
+    instance_heartbeat_s: float = Field(default=2.0, gt=0)
+    instance_lease_s: float = Field(default=10.0, gt=0)
+
     # Extension points: "package.module:name" of a list of tool functions / of AgentSpec.
     extra_tools: Annotated[list[str], NoDecode] = Field(default_factory=list)
     agents: str | None = None
@@ -165,6 +170,9 @@ class Settings(BaseSettings):
             found.append(f"LLM_BASE_URL must be an http(s) URL, got {self.llm_base_url!r}")
         if self.auth_service_url and not self.auth_service_url.startswith(("http://", "https://")):
             found.append("AUTH_SERVICE_URL must be an http(s) URL")
+        if self.instance_lease_s < 3 * self.instance_heartbeat_s:
+            # Fewer than three heartbeats per lease: one slow renewal would look like a death.
+            found.append("INSTANCE_LEASE_S must be at least 3 × INSTANCE_HEARTBEAT_S")
         secret = self.jwt_secret.get_secret_value() if self.jwt_secret is not None else None
         if secret is not None and len(secret) < 32 and self.environment.is_deployed:
             found.append("JWT_SECRET must be at least 32 characters")

@@ -4,8 +4,9 @@ until its terminal event. Invariant: every accepted run ends with exactly one te
 model failure, tool failure, timeout, a stop at any moment, shutdown.
 
 Where to look: limits and rates in `admission.py`, one run's life in `lifecycle.py`, its event
-outlet in `emitter.py`, crashed instances' runs in `orphans.py`; stopping a run on another
-instance is the `stop` / `_on_control` pair below.
+outlet in `emitter.py`, crashed instances' runs in `orphans.py`, telling live instances from
+dead ones in `leases.py`; stopping a run on another instance is the `stop` / `_on_control` pair
+below.
 """
 
 from __future__ import annotations
@@ -272,3 +273,28 @@ class Supervisor:
         return await end_orphans(
             db=self._db, event_log=self._log, started_before=cutoff, owned_here=self._runs
         )
+
+    # ------------------------------------------------------------------ instance leases
+
+    async def end_runs_of_instance(self, instance_id: str, message: str) -> int:
+        """End every running run of a dead instance (its lease expired) as interrupted."""
+        return await end_orphans(
+            db=self._db,
+            event_log=self._log,
+            started_before=None,
+            owned_here=self._runs,
+            instance_id=instance_id,
+            message=message,
+        )
+
+    def interrupt_runs(self, message: str) -> int:
+        """End every run of this instance as `agent_error interrupted`: its lease is lost or in
+        doubt, so a peer may be ending them already (exactly one of the two writes wins)."""
+        for run in self._runs.values():
+            run.request_interrupt(message)
+        return len(self._runs)
+
+    def use_instance_id(self, instance_id: str) -> None:
+        """Record new runs under `instance_id` (this instance registered anew after its old
+        lease expired: runs under the old id belong to whoever sweeps it)."""
+        self._instance_id = instance_id
