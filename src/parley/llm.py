@@ -256,8 +256,11 @@ def openai_compatible_manager(
     description: str,
     max_tokens: int | None = None,
     process: ModelProcess | None = None,
+    probe_timeout_s: float | None = None,
 ) -> LLMManager:
-    """A manager for any OpenAI-compatible endpoint (OpenAI itself, vLLM, llama.cpp's server)."""
+    """A manager for any OpenAI-compatible endpoint (OpenAI itself, vLLM, llama.cpp's server).
+
+    `probe_timeout_s` bounds one probe (default: the request timeout, at most 10 s)."""
     # The OpenAI SDK is built on httpx2 (the successor of httpx); give it one of its own kind.
     http_client = httpx2.AsyncClient(
         timeout=httpx2.Timeout(timeout_s, connect=min(5.0, timeout_s)),
@@ -283,7 +286,7 @@ def openai_compatible_manager(
             client=client,
             model_name=model_name,
             endpoint=_public_url(str(client.base_url)),
-            timeout_s=min(timeout_s, 10.0) if process is None else timeout_s,
+            timeout_s=probe_timeout_s or min(timeout_s, 10.0),
             generate=process is not None,
         ),
         model_settings={"max_tokens": max_tokens} if max_tokens else None,

@@ -139,6 +139,16 @@ class LocalModelServer:
                         return
                 await asyncio.sleep(0.2)
 
+    async def wait_exited(self, timeout_s: float) -> bool:
+        """Whether the process has exited within `timeout_s` (a crash is reaped asynchronously)."""
+        process = self._process
+        if process is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await process.wait()
+        return process.returncode is not None
+
     def exit_description(self) -> str:
         """How the process ended, e.g. "killed by signal SIGKILL" or "exited with status 1"."""
         code = self._process.returncode if self._process is not None else None
@@ -176,7 +186,7 @@ class LocalModelServer:
             process = self._process
             if process is not None:
                 await process.wait()
-                exit_reason = f"the local model process {self.exit_description()}"
+                exit_reason = f"the local model process has exited ({self.exit_description()})"
                 self.down_reason = exit_reason
                 log.error(
                     "local_model.exited",

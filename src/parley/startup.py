@@ -302,8 +302,8 @@ async def _probe_local_model(manager: LLMManager, server: LocalModelServer) -> N
     try:
         await manager.prober.probe()
     except ProbeFailed as exc:
-        if not server.alive:
-            reason = f"the local model process {server.exit_description()} on its first answer"
+        if await server.wait_exited(1.0):
+            reason = f"its process {server.exit_description()} on its first answer"
         else:
             reason = exc.reason
         tail = (await server.log_tail(3)).replace("\n", " | ")
@@ -344,6 +344,10 @@ async def _local_manager(
         # A small local model can ramble up to its context limit; keep each answer bounded.
         max_tokens=settings.llm_max_tokens or LOCAL_MAX_TOKENS,
         process=server,
+        # Its probe waits for a whole (unstreamed) answer from a CPU that may be busy: the first
+        # one on a loaded 2-core machine can take longer than LLM_TIMEOUT_S, whose job is to
+        # bound the wait between streamed chunks. The phase's deadline still bounds it.
+        probe_timeout_s=max(settings.llm_timeout_s, settings.startup_timeout_s),
     )
     ctx.cleanup.push_async_callback(manager.close)
     return manager, server

@@ -20,6 +20,9 @@ async def test_development_with_no_llm_configured_streams_a_real_answer_from_the
         LLM_PROVIDER="",
         LLM_MODEL="",
         LLM_BASE_URL="",
+        # A loaded 2-core machine can take many seconds to the first token (the tests' default
+        # of 10 s is for the scripted server); the default in real use is 30 s.
+        LLM_TIMEOUT_S="60",
         LLM_MAX_TOKENS="48",
         STARTUP_TIMEOUT_S="60",
     )
