@@ -252,7 +252,7 @@ def test_token_and_migrate_commands(tmp_path: Path) -> None:
     assert token.stdout.count(".") == 2
     migrated = run_parley(tmp_path, "migrate")
     assert migrated.code == 0
-    assert "revision 0001" in migrated.stdout
+    assert "revision 0002" in migrated.stdout
 
 
 # ---------------------------------------------------------------------------- readiness
