@@ -200,9 +200,11 @@ async def wait_readiness(server: ServerProcess, status: int) -> tuple[int, dict[
     """Readiness once it answers `status`, or as it is after five seconds (it is cached for a
     second, so the first answer after a change may still be the old one)."""
     deadline = time.monotonic() + 5
-    while (answer := await readiness(server))[0] != status and time.monotonic() < deadline:
+    while True:
+        answer = await readiness(server)
+        if answer[0] == status or time.monotonic() > deadline:
+            return answer
         await asyncio.sleep(0.1)
-    return answer
 
 
 async def metric(server: ServerProcess, name: str) -> float:
@@ -387,3 +389,30 @@ async def test_postgres_down_longer_than_the_grace_ends_the_run_with_storage_una
     assert frames_of(client, run_id) == stored
     assert_dense(stored)
     assert await metric(server, 'parley_eventlog_refused_total{reason="grace"}') > 0
+
+
+@pytest.mark.redis
+async def test_events_beyond_the_outage_backlog_end_the_run_with_storage_unavailable(
+    spawn: SpawnServer, fake_llm: FakeLLM, private_postgres: PrivatePostgres, redis_url: str
+) -> None:
+    server = spawn(
+        DATABASE_URL=private_postgres.url, REDIS_URL=redis_url, DATABASE_OUTAGE_BACKLOG="1"
+    )
+    user = unique_user()
+    trigger = sixty_words(fake_llm)
+    async with server.connect(user) as client:
+        accepted = await client.ask(f"sixty words {trigger}")
+        run_id = accepted["run_id"]
+        for _ in range(3):
+            await client.recv_type("agent_message_delta")
+        await asyncio.to_thread(private_postgres.stop)
+        await asyncio.sleep(2.0)  # well within the grace: only the backlog is exceeded
+        await asyncio.to_thread(private_postgres.start)
+        seen = await client.run_events(run_id, timeout=40)
+        await client.settle(1.0)
+    assert seen[-1]["type"] == "agent_error", seen[-1]
+    assert seen[-1]["code"] == "storage_unavailable"
+    stored = await stored_events(server, user, accepted["thread_id"])
+    assert frames_of(client, run_id) == stored
+    assert_dense(stored)
+    assert await metric(server, 'parley_eventlog_refused_total{reason="backlog"}') > 0
