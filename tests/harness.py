@@ -252,10 +252,14 @@ class Client:
         return frame
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The next frame not handed out yet, pings skipped (but answered and recorded)."""
+        """The next frame not handed out yet, pings skipped (but answered and recorded);
+        TimeoutError if none arrives within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
         while True:
             if self._next >= len(self.frames):
-                await self._read(timeout)
+                if (left := deadline - time.monotonic()) <= 0:
+                    raise TimeoutError(f"no frame within {timeout}s")
+                await self._read(left)
             frame = self.frames[self._next]
             self._next += 1
             if frame["type"] != "ping":
