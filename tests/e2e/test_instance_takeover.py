@@ -4,6 +4,7 @@ hears it; a live instance's runs are never taken over, however long they run."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import time
@@ -98,3 +99,49 @@ async def test_a_live_instance_runs_are_never_taken_over_by_its_peer(
     assert seen_on_b == events
     assert "instance.taken_over" not in b.read_log()
     assert "instance.lease_lost" not in a.read_log()
+
+
+async def test_a_paused_instance_is_taken_over_then_notices_and_serves_on_under_a_new_lease(
+    spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
+) -> None:
+    shared = {
+        "DATABASE_URL": postgres_url,
+        "REDIS_URL": redis_url,
+        "RUN_TIMEOUT_S": "60",
+        "INSTANCE_HEARTBEAT_S": "0.5",
+        "INSTANCE_LEASE_S": "2",
+    }
+    a = spawn(**shared)
+    b = spawn(**shared)
+    slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("tick " * 2000, chunk=5, delay_s=0.02))
+    user = unique_user("paused")
+    async with contextlib.AsyncExitStack() as stack:
+        on_a = await _bare_client(a, user, stack)
+        on_b = await _bare_client(b, user, stack)
+        accepted = await on_a.ask(f"stream for a long time {slow}")
+        await on_b.recv_type("agent_message_delta", timeout=20)
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)  # alive, but silent: its lease runs out
+        try:
+            events = await on_b.run_events(accepted["run_id"], timeout=TAKEOVER_BOUND_S)
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        # Back, A finds its lease expired and registers anew; it serves on.
+        for _ in range(100):
+            if "instance.lease_lost" in a.read_log():
+                break
+            await asyncio.sleep(0.1)
+        again = await on_a.ask("hello after the pause")
+        more = await on_a.run_events(again["run_id"], timeout=20)
+        # Several heartbeats later, B has not taken A over a second time.
+        await asyncio.sleep(3)
+    assert events[-1]["type"] == "agent_error", events[-1]
+    assert events[-1]["code"] == "interrupted"
+    assert "instance.lease_lost" in a.read_log()
+    assert more[-1]["type"] == "agent_completed", more[-1]
+    assert b.read_log().count("instance.taken_over") == 1
+    async with b.connect(user) as client:
+        replay = [e for e in await client.replay(accepted["thread_id"]) if "seq" in e]
+    assert [e["seq"] for e in replay] == list(range(1, len(replay) + 1)), "seq not dense"
+    terminals = [e for e in replay if e["type"] in TERMINAL]
+    assert terminals == [events[-1]]
