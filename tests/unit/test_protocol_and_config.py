@@ -98,6 +98,12 @@ def test_short_secrets_and_bad_urls_are_reported() -> None:
     assert any("AUTH_SERVICE_URL" in p for p in problems)
 
 
+def test_an_instance_lease_of_fewer_than_three_heartbeats_is_reported() -> None:
+    problems = settings(instance_heartbeat_s=5, instance_lease_s=10).problems()
+    assert any("INSTANCE_LEASE_S" in p for p in problems)
+    assert settings(instance_heartbeat_s=2, instance_lease_s=6).problems() == []
+
+
 def test_comma_separated_lists_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ALLOWED_ORIGINS", "https://a.example, https://b.example,")
     assert Settings().allowed_origins == ["https://a.example", "https://b.example"]
