@@ -83,7 +83,6 @@ def serve(
     settings = _settings(host=host, port=port)
     configure_logging(level=settings.log_level, fmt=settings.effective_log_format)
     redact.install()
-    fdlimit.raise_open_files_limit()
     raise typer.Exit(_run(_serve(settings)))
 
 
@@ -93,6 +92,9 @@ async def _serve(settings: Settings) -> int:
     except StartupError as error:
         _report_failure(error)
         return 1
+    # Raised (and logged) once startup has passed: a failed startup's first line stays its
+    # one-line reason, and startup itself needs few descriptors.
+    fdlimit.raise_open_files_limit()
     if settings.effective_log_format == "console":
         # What passed, and how (e.g. whether the LLM was probed); JSON logs carry the same in
         # their `startup.complete` line, and a table would break their one-object-a-line shape.
