@@ -110,18 +110,17 @@ def test_unreachable_provider_is_retried_then_fails_startup_in_llm_naming_the_en
 def test_refused_api_key_fails_startup_at_once_without_printing_the_key(
     tmp_path: Path, provider: FakeLLM
 ) -> None:
-    started = time.monotonic()
     code, output = serve_until_exit(
         tmp_path,
         staging_env(tmp_path, provider.base_url, LLM_API_KEY=WRONG_KEY, STARTUP_TIMEOUT_S="20"),
     )
-    elapsed = time.monotonic() - started
     first = output.splitlines()[0]
     assert code == 1
     assert first.startswith("startup failed in phase llm: "), output
     assert "refused the API key (HTTP 401)" in first
+    assert "STARTUP_TIMEOUT_S" not in first  # it did not wait out the deadline
     assert "attempts" not in output  # configuration: not retried
-    assert elapsed < 15  # far from STARTUP_TIMEOUT_S
+    assert provider.refused == 1  # one probe request, never a second
     assert WRONG_KEY not in output
     assert WRONG_KEY[:12] not in output  # not even the provider's partial echo of it
 
@@ -173,10 +172,9 @@ async def test_provider_that_stops_turns_readiness_503_and_back_to_200_when_it_r
     server = spawn(**staging_env(tmp_path, provider.base_url, LLM_PROBE_INTERVAL_S="1"))
     assert (await readiness(server))[0] == 200
     provider.stop()
-    stopped = time.monotonic()
-    body = await wait_for_readiness(server, 503, within=6)
-    # Within the interval (1 s, plus jitter) and the readiness cache (1 s), not 75 s.
-    assert time.monotonic() - stopped < 4
+    # Due within the interval (1 s, plus jitter) and the readiness cache (1 s); the bound leaves
+    # room for a loaded machine and is far below the 30 s allowed.
+    body = await wait_for_readiness(server, 503, within=10)
     llm = body["components"]["llm"]
     assert llm["status"] == "down"
     assert llm["probe"] == "failed"
@@ -185,7 +183,7 @@ async def test_provider_that_stops_turns_readiness_503_and_back_to_200_when_it_r
     assert await metric(server, 'parley_llm_probe_failures_total{kind="unreachable"}') >= 1
     await asyncio.sleep(2.5)  # more failed probes: the state change is still logged once
     provider.start()
-    body = await wait_for_readiness(server, 200, within=6)
+    body = await wait_for_readiness(server, 200, within=10)
     assert body["components"]["llm"]["probe"] == "ok"
     log = server.read_log()
     assert log.count("llm.probe_failed") == 1
@@ -231,6 +229,8 @@ async def test_startup_probe_off_starts_without_contacting_the_provider_and_says
         code, body = await readiness(server)
     assert code == 200, body
     assert body["components"]["llm"]["probe"] == "off"
-    log = " ".join(server.read_log().split())
-    assert "startup probe off" in log, log
-    assert "LLM_STARTUP_PROBE" in log
+    log = server.read_log()
+    # The phase table printed on startup: the llm phase passed, and says it was not probed.
+    assert re.search(
+        r"^│ llm +│ ok +│ +\d+ │ startup probe off \(LLM_STARTUP_PROBE\) +│$", log, re.MULTILINE
+    ), log

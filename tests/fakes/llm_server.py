@@ -124,6 +124,8 @@ class FakeLLM:
     port: int = 0
     # When set, every request must carry `Authorization: Bearer <api_key>`, else 401.
     api_key: str | None = None
+    # Requests answered 401 for a wrong or missing key (they are not in `requests`).
+    refused: int = 0
     # When set, /models lists exactly these and a completion for another model gets 404.
     models: list[str] | None = None
     # False: /models answers 404, as on providers that do not list their models.
@@ -227,6 +229,8 @@ def _choose_turn(fake: FakeLLM, body: dict[str, Any]) -> Text | ToolCall | HttpE
 def _refuse_key(fake: FakeLLM, request: Request) -> Response | None:
     if fake.api_key is None or request.headers.get("authorization") == f"Bearer {fake.api_key}":
         return None
+    with fake._lock:
+        fake.refused += 1
     error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
     return JSONResponse({"error": {**error, "code": "invalid_api_key"}}, status_code=401)
 
