@@ -130,8 +130,10 @@ class LocalModelServer:
         async with httpx.AsyncClient() as client:
             while True:
                 if not self.alive:
+                    last = (await self.log_tail(1)).strip()[-160:]
                     raise LocalModelUnavailable(
-                        f"the local model server exited; see {self._log_path}"
+                        f"its process {self.exit_description()} while loading "
+                        f"{self.model_path.name} (log {self._log_path}: {last or 'empty'})"
                     )
                 with contextlib.suppress(httpx.HTTPError):
                     response = await client.get(self.base_url + "/models", timeout=2.0)

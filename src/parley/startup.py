@@ -59,7 +59,7 @@ LLM_PROBE_HINT = (
     "check LLM_API_KEY, LLM_MODEL and LLM_BASE_URL (LLM_STARTUP_PROBE=off skips this probe)"
 )
 LOCAL_PROBE_HINT = (
-    "the bundled runtime cannot run on this machine: rebuild it with `make install`, or set "
+    "rebuild the runtime with `make install` (or check LLM_MODEL_PATH), or set "
     "LLM_PROVIDER=openai with LLM_MODEL, LLM_API_KEY and LLM_BASE_URL"
 )
 LOCAL_MAX_TOKENS = 512
@@ -329,7 +329,9 @@ async def _local_manager(
     try:
         await server.start(timeout_s=max(5.0, settings.startup_timeout_s))
     except LocalModelUnavailable as exc:
-        raise ConfigurationError(str(exc), LOCAL_HINT) from None
+        raise ConfigurationError(
+            f"the local model {server.alias} cannot run: {exc}", LOCAL_PROBE_HINT
+        ) from None
     ctx.cleanup.push_async_callback(server.stop)
     manager = openai_compatible_manager(
         provider=LLMProvider.LOCAL.value,

@@ -3,11 +3,15 @@ answers for real, offline, through the same client code as a hosted provider."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+from pathlib import Path
+
 import httpx
 import pytest
 
 from tests.conftest import SpawnServer
-from tests.harness import unique_user
+from tests.harness import base_env, free_port, parley_command, unique_user
 
 pytestmark = pytest.mark.local_model
 
@@ -43,3 +47,34 @@ async def test_development_with_no_llm_configured_streams_a_real_answer_from_the
     assert llm["status"] == "ok"
     assert llm["provider"] == "local"
     assert "135M" in llm["description"]
+
+
+def test_a_local_model_that_cannot_load_fails_startup_in_llm_saying_what_to_do(
+    tmp_path: Path,
+) -> None:
+    # A file llama.cpp cannot load: the runtime starts and its process exits, the way a build
+    # for the wrong CPU dies. Startup must stop there, not serve a model that cannot answer.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    done = subprocess.run(
+        parley_command("serve"),
+        env=base_env(
+            tmp_path / "data",
+            PORT=str(free_port()),
+            ENVIRONMENT="development",
+            LLM_PROVIDER="local",
+            LLM_MODEL_PATH=str(broken),
+            STARTUP_TIMEOUT_S="60",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
+    )
+    first = done.stderr.splitlines()[0]
+    assert done.returncode == 1
+    assert first.startswith("startup failed in phase llm: the local model "), done.stderr
+    assert re.search(r"its process (exited with status \d+|killed by signal \w+)", first), first
+    assert "while loading broken.gguf" in first
+    assert "LLM_PROVIDER=openai" in first  # what to do instead
+    assert "Traceback" not in done.stderr
