@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -100,13 +102,14 @@ class Event(Base):
 
 
 class Instance(Base):
-    """A serving process and its lease: alive while `heartbeat_at` (the database's clock, so
-    that no two machines' clocks are compared) is younger than `INSTANCE_LEASE_S`. A row whose
-    lease expired is never renewed again: that instance is dead for good, and a peer ends its
-    runs (see `supervisor/leases.py`)."""
+    """A serving process and its lease, renewed in `heartbeat_at` (the database's clock, so that
+    no two machines' clocks are compared). A peer declares an instance whose heartbeat is older
+    than `INSTANCE_LEASE_S` `dead`, once and for good: its runs are then ended by whoever sweeps,
+    and it never renews that row again (see `supervisor/leases.py`)."""
 
     __tablename__ = "instances"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    dead: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Interval, bindparam, delete, exists, func, select, update
 from sqlalchemy import insert as insert_rows
@@ -213,66 +213,70 @@ async def running_runs(
 # different machines compare heartbeats without trusting each other's clocks.
 
 
-LEASE_GIVEN_UP = datetime(2000, 1, 1, tzinfo=UTC)
-
-
-def _lease_start(lease: timedelta) -> object:
-    """The oldest heartbeat that still holds a lease of length `lease`, in database time."""
-    return func.now() - bindparam("lease", lease, type_=Interval())
-
-
 async def register_instance(session: AsyncSession, *, instance_id: str) -> None:
     """Add this instance with a fresh lease."""
     await session.execute(
-        insert_rows(Instance).values(id=instance_id, started_at=func.now(), heartbeat_at=func.now())
+        insert_rows(Instance).values(
+            id=instance_id, started_at=func.now(), heartbeat_at=func.now(), dead=False
+        )
     )
 
 
-async def renew_instance(session: AsyncSession, *, instance_id: str, lease: timedelta) -> bool:
-    """Extend the instance's lease if it still holds one; False when it has expired (or the
-    row is gone). An expired lease is never renewed: peers may already be ending the
-    instance's runs, so it must not take them back (it registers anew under another id)."""
+async def renew_instance(session: AsyncSession, *, instance_id: str) -> bool:
+    """Renew the instance's lease; False when it was declared dead (or its row is gone). A
+    late renewal of a lease nobody declared dead still counts: the instance was only slow (or
+    the database away), and nobody has taken its runs."""
     result = await session.execute(
         update(Instance)
-        .where(Instance.id == instance_id, Instance.heartbeat_at >= _lease_start(lease))
+        .where(Instance.id == instance_id, Instance.dead.is_(False))
         .values(heartbeat_at=func.now())
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-async def expire_instance(session: AsyncSession, *, instance_id: str) -> None:
-    """Give up the instance's lease now (a clean shutdown): peers forget it at their next
-    sweep, ending at once any run it left running."""
-    await session.execute(
+async def declare_dead(session: AsyncSession, *, lease: timedelta, except_id: str) -> Sequence[str]:
+    """Declare every instance whose heartbeat is older than `lease` dead (but `except_id`);
+    returns those this call declared. Conditional, so that of any number of sweepers one
+    declares each, and a renewal that commits first keeps the instance alive."""
+    oldest_alive = func.now() - bindparam("lease", lease, type_=Interval())
+    statement = (
         update(Instance)
-        .where(Instance.id == instance_id)
-        .values(heartbeat_at=LEASE_GIVEN_UP)
+        .where(
+            Instance.dead.is_(False),
+            Instance.heartbeat_at < oldest_alive,
+            Instance.id != except_id,
+        )
+        .values(dead=True)
+        .returning(Instance.id)
         .execution_options(synchronize_session=False)
-    )
-
-
-async def expired_instances(
-    session: AsyncSession, *, lease: timedelta, except_id: str
-) -> Sequence[str]:
-    """Ids of instances whose lease has expired, other than `except_id`."""
-    statement = select(Instance.id).where(
-        Instance.heartbeat_at < _lease_start(lease), Instance.id != except_id
     )
     return (await session.scalars(statement)).all()
 
 
-async def forget_instance(session: AsyncSession, *, instance_id: str, lease: timedelta) -> bool:
-    """Delete an expired instance that has no running run left; False when it still has one
-    (or is alive, or gone already): then the row stays, and a later sweep ends those runs."""
+async def give_up_instance(session: AsyncSession, *, instance_id: str) -> None:
+    """Declare this instance dead itself (a clean shutdown): peers forget it at their next
+    sweep, ending at once any run it left running."""
+    await session.execute(
+        update(Instance)
+        .where(Instance.id == instance_id)
+        .values(dead=True)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def dead_instances(session: AsyncSession) -> Sequence[str]:
+    """Instances declared dead and not forgotten yet (their runs may still be running)."""
+    return (await session.scalars(select(Instance.id).where(Instance.dead.is_(True)))).all()
+
+
+async def forget_instance(session: AsyncSession, *, instance_id: str) -> bool:
+    """Delete a dead instance that has no running run left; False when it still has one (a
+    later sweep ends it, then forgets the instance)."""
     has_running_run = exists().where(Run.instance_id == instance_id, Run.status == "running")
     result = await session.execute(
         delete(Instance)
-        .where(
-            Instance.id == instance_id,
-            Instance.heartbeat_at < _lease_start(lease),
-            ~has_running_run,
-        )
+        .where(Instance.id == instance_id, Instance.dead.is_(True), ~has_running_run)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]

@@ -3,29 +3,33 @@
 Several instances share one PostgreSQL. A run belongs to the instance that accepted it (the
 run's `instance_id`); if that process dies (`kill -9`, a lost machine) nothing would ever end
 its runs, and clients would wait in silence. So each instance holds a lease: its row in
-`instances`, renewed every `INSTANCE_HEARTBEAT_S`. Every instance also sweeps, on the same
-tick: an instance whose heartbeat is older than `INSTANCE_LEASE_S` is dead, and its `running`
-runs are ended with `agent_error interrupted` (retryable) through the event log, which
-publishes the terminal event to the user's connections on every instance. A dead instance is
-thus taken over within about `INSTANCE_LEASE_S + INSTANCE_HEARTBEAT_S`.
+`instances`, renewed every `INSTANCE_HEARTBEAT_S`. On the same tick every instance sweeps: an
+instance whose heartbeat is older than `INSTANCE_LEASE_S` is declared dead, and the `running`
+runs of dead instances are ended with `agent_error interrupted` (retryable) through the event
+log, which publishes the terminal event to the user's connections on every instance. A dead
+instance is thus taken over within about `INSTANCE_LEASE_S + INSTANCE_HEARTBEAT_S`.
 
 Why end the runs rather than continue them on a live instance: the model history of a run in
 flight (its messages up to the last completed tool call) is not stored, only the events sent
 to the client, and clients have already shown part of the answer that a continuation would
-write differently (the protocol cannot take back a delta); a tool call would be repeated with
+write differently (the protocol cannot take back a delta); a tool call would run twice, with
 its side effects. `interrupted` is retryable: the client sends the message again.
 
 The rules that keep this safe:
 - Times are the database's clock (`now()`), never a process's: no clock skew between machines.
-- An instance never sweeps itself (the sweep excludes its own id).
-- An expired lease is never renewed (the renewal is conditional on the lease still holding).
-  Being dead is final for an id: a sweeper that saw it expired cannot race a revival.
-- An instance that finds its lease expired (it was paused, or cut off from the database) ends
-  its own runs as interrupted too (whichever of it and a sweeper writes first wins; the other
-  write is a no-op) and registers anew under a new id, then serves on. It does the same
-  already when its renewals have failed for `INSTANCE_LEASE_S - INSTANCE_HEARTBEAT_S`: from then
-  on a peer may declare it dead at any moment, and its runs must not outlive their takeover.
-- The dead instance's row is deleted only once none of its runs is running.
+- Death is declared, once, by a conditional update (`instances.dead`): of several sweepers one
+  declares it, a renewal that commits first keeps the instance alive, and a declared instance
+  never renews that row again. Any sweeper then ends its runs (a sweeper that crashes half-way
+  leaves the rest to the next one) and deletes the row when none is left running.
+- An instance never declares itself dead, and declares no one while its own renewals have not
+  succeeded for a whole lease: after a database outage every instance first gets a lease's
+  time to renew, so an outage (which the event log rides out) never looks like deaths.
+- An instance learns that it was declared dead from its next renewal (it was paused, or cut
+  off from the database, for longer than the lease): it ends its own runs as interrupted too
+  (whichever of it and a sweeper writes first wins, the other write is a no-op), registers
+  anew under a new id and serves on. It does not end its runs merely because its renewals
+  fail: the database may be away for everyone, and then nobody can take them.
+- A clean shutdown declares its own instance dead after the drain: peers forget it at once.
 
 SQLite has no lease: it is served by one process, which ends every run left `running` at startup.
 """
@@ -45,11 +49,10 @@ from parley.supervisor.core import Supervisor
 log = get_logger(__name__)
 
 TAKEN_OVER = "the server instance running this run stopped responding; send the message again"
-LEASE_IN_DOUBT = "this server lost contact with the database; send the message again"
 
 
 class InstanceLease:
-    """This instance's lease, renewed on a timer, and the sweep of expired peers."""
+    """This instance's lease, renewed on a timer, and the sweep of dead peers."""
 
     def __init__(
         self,
@@ -64,22 +67,18 @@ class InstanceLease:
         self._supervisor = supervisor
         self._id = instance_id
         self._heartbeat_s = heartbeat_s
-        self._lease = timedelta(seconds=lease_s)
-        # Past this long without a successful renewal, peers may declare us dead any moment.
-        self._doubt_after_s = lease_s - heartbeat_s
-        self._renewed_at = time.monotonic()  # when the last successful renewal *started*
-        self._in_doubt = False
+        self._lease_s = lease_s
+        # Since when every renewal has succeeded (monotonic); None while they fail.
+        self._renewing_since: float | None = None
 
     @property
     def instance_id(self) -> str:
         return self._id
 
     async def register(self) -> None:
-        started = time.monotonic()
         async with self._db.write() as session:
             await queries.register_instance(session, instance_id=self._id)
-        self._renewed_at = started
-        self._in_doubt = False
+        self._renewing_since = time.monotonic()
 
     async def run(self) -> None:
         """Renew and sweep every heartbeat, until cancelled."""
@@ -90,62 +89,63 @@ class InstanceLease:
     async def tick(self) -> None:
         try:
             await self._renew()
-        except Exception:
-            log.exception("instance.renew_failed", instance_id=self._id)
+        except Exception as exc:
+            if self._renewing_since is not None:
+                log.warning("instance.heartbeat_failed", error=type(exc).__name__)
+            self._renewing_since = None
+            return  # nor can this instance sweep now
         try:
             await self.sweep()
         except Exception as exc:
             log.warning("instance.sweep_failed", error=type(exc).__name__)
 
     async def sweep(self) -> int:
-        """End the running runs of every peer whose lease expired; returns how many."""
+        """Declare peers dead whose lease expired, and end the running runs of every dead
+        instance; returns how many runs this call ended."""
+        if self._may_declare():
+            async with self._db.write() as session:
+                declared = await queries.declare_dead(
+                    session, lease=timedelta(seconds=self._lease_s), except_id=self._id
+                )
+            for instance_id in declared:
+                log.warning("instance.declared_dead", dead_instance=instance_id)
         async with self._db.read() as session:
-            dead = await queries.expired_instances(session, lease=self._lease, except_id=self._id)
+            dead = await queries.dead_instances(session)
         total = 0
         for instance_id in dead:
             ended = await self._supervisor.end_runs_of_instance(instance_id, TAKEN_OVER)
             async with self._db.write() as session:
-                forgotten = await queries.forget_instance(
-                    session, instance_id=instance_id, lease=self._lease
-                )
-            if ended or forgotten:
-                log.warning(
-                    "instance.taken_over",
-                    dead_instance=instance_id,
-                    runs_ended=ended,
-                    forgotten=forgotten,
-                )
+                forgotten = await queries.forget_instance(session, instance_id=instance_id)
+            if ended:
+                log.warning("instance.taken_over", dead_instance=instance_id, runs_ended=ended)
             total += ended
+            if forgotten:
+                log.info("instance.forgotten", dead_instance=instance_id)
         return total
 
     async def release(self) -> None:
         """Give the lease up at a clean shutdown, after the drain."""
         async with self._db.write() as session:
-            await queries.expire_instance(session, instance_id=self._id)
+            await queries.give_up_instance(session, instance_id=self._id)
+
+    def _may_declare(self) -> bool:
+        """Only after a whole lease of successful renewals: every live peer has had the time
+        to renew its own lease since the database last answered us."""
+        since = self._renewing_since
+        return since is not None and time.monotonic() - since >= self._lease_s
 
     async def _renew(self) -> None:
-        started = time.monotonic()
-        try:
-            async with self._db.write() as session:
-                held = await queries.renew_instance(
-                    session, instance_id=self._id, lease=self._lease
-                )
-        except Exception as exc:
-            silent_s = time.monotonic() - self._renewed_at
-            log.warning("instance.heartbeat_failed", error=type(exc).__name__, silent_s=silent_s)
-            if silent_s > self._doubt_after_s and not self._in_doubt:
-                self._in_doubt = True
-                interrupted = self._supervisor.interrupt_runs(LEASE_IN_DOUBT)
-                log.error("instance.lease_in_doubt", instance_id=self._id, runs=interrupted)
-            return
+        async with self._db.write() as session:
+            held = await queries.renew_instance(session, instance_id=self._id)
         if held:
-            self._renewed_at = started
-            self._in_doubt = False
+            if self._renewing_since is None:
+                self._renewing_since = time.monotonic()
+                log.info("instance.heartbeat_recovered", instance_id=self._id)
             return
         await self._start_over()
 
     async def _start_over(self) -> None:
-        """Our lease expired: peers own our runs now. End ours, and serve on under a new id."""
+        """We were declared dead: peers own our runs now. End ours, serve on under a new id."""
         old = self._id
         interrupted = self._supervisor.interrupt_runs(TAKEN_OVER)
         self._id = f"{old.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:8]}"

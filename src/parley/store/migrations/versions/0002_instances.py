@@ -19,6 +19,7 @@ def upgrade() -> None:
         sa.Column("id", sa.String(64), primary_key=True),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("dead", sa.Boolean, nullable=False, server_default=sa.false()),
     )
     # Sweeps look up the running runs of one instance.
     op.create_index("ix_runs_instance_id", "runs", ["instance_id"])
