@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 import websockets
+from sqlalchemy.engine import make_url
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Text
@@ -21,6 +22,58 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 # What the issue asks of the defaults (INSTANCE_LEASE_S=10, INSTANCE_HEARTBEAT_S=2).
 TAKEOVER_BOUND_S = 15.0
+
+
+class DatabaseProxy:
+    """Loopback TCP to PostgreSQL that can be taken down: while down, every connection it
+    carries is cut and new ones are closed at once, as clients see a database restarting."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = make_url(database_url)
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+        self._down = False
+        self.url = database_url
+
+    async def __aenter__(self) -> DatabaseProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = int(self._server.sockets[0].getsockname()[1])
+        self.url = self._url.set(port=port).render_as_string(hide_password=False)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.go_down()
+        if self._server is not None:
+            self._server.close()
+
+    def go_down(self) -> None:
+        self._down = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def come_up(self) -> None:
+        self._down = False
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._down:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self._url.host, self._url.port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update({writer, up_writer})
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+        self._writers.discard(writer)
 
 
 async def _bare_client(
@@ -145,3 +198,42 @@ async def test_a_paused_instance_is_taken_over_then_notices_and_serves_on_under_
     assert [e["seq"] for e in replay] == list(range(1, len(replay) + 1)), "seq not dense"
     terminals = [e for e in replay if e["type"] in TERMINAL]
     assert terminals == [events[-1]]
+
+
+async def test_a_database_outage_longer_than_the_lease_takes_no_instance_over(
+    spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
+) -> None:
+    # Every lease runs out during the outage; none may be taken as a death once it is over
+    # (the event log rides the outage out: DATABASE_OUTAGE_GRACE_S is longer than it).
+    async with DatabaseProxy(postgres_url) as database:
+        shared = {
+            "DATABASE_URL": database.url,
+            "REDIS_URL": redis_url,
+            "RUN_TIMEOUT_S": "60",
+            "INSTANCE_HEARTBEAT_S": "0.5",
+            "INSTANCE_LEASE_S": "2",
+            "DATABASE_OUTAGE_GRACE_S": "20",
+        }
+        # In threads: the proxy serves on this event loop while the servers start.
+        a = await asyncio.to_thread(spawn, **shared)
+        b = await asyncio.to_thread(spawn, **shared)
+        answer = "tick " * 200  # about 10 s
+        slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text(answer, chunk=5, delay_s=0.05))
+        user = unique_user("outage")
+        async with a.connect(user) as on_a:
+            accepted = await on_a.ask(f"stream through an outage {slow}")
+            await on_a.recv_type("agent_message_delta", timeout=20)
+            database.go_down()
+            await asyncio.sleep(4)  # two leases
+            database.come_up()
+            events = await on_a.run_events(accepted["run_id"], timeout=60)
+            await asyncio.sleep(3)  # sweeps after the outage
+        for server in (a, b):
+            await asyncio.to_thread(server.stop)  # while the database is still reachable
+    assert events[-1]["type"] == "agent_completed", events[-1]
+    assert events[-1]["content"] == answer
+    for server in (a, b):
+        log = server.read_log()
+        assert "instance.heartbeat_failed" in log  # the outage did reach the leases
+        assert "instance.declared_dead" not in log
+        assert "instance.lease_lost" not in log
