@@ -102,16 +102,14 @@ class LocalModelServer:
         output = await asyncio.to_thread(open, self._log_path, "ab")
         with output:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "llama_cpp.server",
+                # llama-cpp-python's server, reporting usage when streaming too (see the module)
+                sys.executable, "-m", "parley.local_model_server",
                 "--model", str(self.model_path),
                 "--model_alias", self.alias,
                 "--host", "127.0.0.1",
                 "--port", str(self.port),
                 "--n_ctx", str(CONTEXT_TOKENS),
                 "--n_threads", str(self._threads),
-                # By default a new request cancels the one being streamed (the second of two
-                # concurrent runs would end the first with an empty answer): queue instead.
-                "--interrupt_requests", "False",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,

@@ -42,6 +42,11 @@ async def test_development_with_no_llm_configured_streams_a_real_answer_from_the
     assert kinds[-1] == "agent_completed"
     assert events[-1]["content"] == "".join(deltas)
     assert events[-1]["content"].strip()
+    # Real counts from the model's own tokenizer, not zeros: the instructions alone are over
+    # 50 tokens, and the answer is at most LLM_MAX_TOKENS.
+    usage = events[-1]["usage"]
+    assert usage["input_tokens"] > 50, usage
+    assert 0 < usage["output_tokens"] <= 48, usage
     async with httpx.AsyncClient(base_url=server.http) as http:
         llm = (await http.get("/health/ready")).json()["components"]["llm"]
     assert llm["status"] == "ok"

@@ -54,7 +54,7 @@ async def test_killed_local_model_is_restarted_and_the_next_run_is_answered(
     assert code == 200
     pid = llm["pid"]
     cmdline = await asyncio.to_thread(Path(f"/proc/{pid}/cmdline").read_bytes)
-    assert b"llama_cpp.server" in cmdline  # the model process, not Parley
+    assert b"parley.local_model_server" in cmdline  # the model process, not Parley
 
     os.kill(pid, signal.SIGKILL)
     down = await wait_for(server, 503, within=5)
