@@ -143,9 +143,9 @@ async def _give_up(lease: InstanceLease, renewing: asyncio.Task[None]) -> None:
     await _stop(renewing)
     try:
         await lease.release()
-    except Exception:
-        # Peers then take over whatever is left once the lease runs out by itself.
-        log.exception("shutdown.lease_release_failed")
+    except Exception as exc:
+        # Harmless: peers declare this instance dead once its lease runs out by itself.
+        log.warning("shutdown.lease_release_failed", error=type(exc).__name__)
 
 
 def _start(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
