@@ -34,6 +34,9 @@ async def test_development_with_no_llm_configured_streams_a_real_answer_from_the
         assert client.hello["model"] == "local:SmolLM2-135M-Instruct"
         accepted = await client.ask("Name one colour of the sky.")
         events = await client.run_events(accepted["run_id"], timeout=60)
+        # And again in the same thread: the model answers twice in a row, the history included.
+        again = await client.ask("And one colour of grass?", thread_id=accepted["thread_id"])
+        second = await client.run_events(again["run_id"], timeout=60)
     kinds = [e["type"] for e in events]
     assert kinds[0] == "agent_started"
     assert "agent_thinking" in kinds
@@ -47,6 +50,10 @@ async def test_development_with_no_llm_configured_streams_a_real_answer_from_the
     usage = events[-1]["usage"]
     assert usage["input_tokens"] > 50, usage
     assert 0 < usage["output_tokens"] <= 48, usage
+    assert second[-1]["type"] == "agent_completed", second[-1]
+    assert second[-1]["content"].strip()
+    # Its prompt holds the first question and answer too.
+    assert second[-1]["usage"]["input_tokens"] > usage["input_tokens"] + usage["output_tokens"]
     async with httpx.AsyncClient(base_url=server.http) as http:
         llm = (await http.get("/health/ready")).json()["components"]["llm"]
     assert llm["status"] == "ok"
