@@ -1,6 +1,10 @@
 """`parley chat`: the terminal client. It shows a run's timeline with Rich — a spinner with the
 agent's thinking, a panel per tool call, the answer streaming in — stops the run on Ctrl-C
 (a second Ctrl-C quits), and reconnects with backoff, resuming from the last `seq` it showed.
+
+A connection lives no longer than its token: with a way to get a new one (`renew`), the client
+sends `authenticate` before the token expires; without one, it says that the token expired and
+exits when the server closes the connection (4401 `token expired`).
 """
 
 from __future__ import annotations
@@ -9,8 +13,12 @@ import asyncio
 import contextlib
 import json
 import signal
+import subprocess
 import threading
+import time
 import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import websockets
@@ -23,12 +31,60 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
 PROMPT = "you> "
+# Renew a token when half its remaining life is gone, and at the latest a minute before it
+# expires, so that a slow token source still has time.
+RENEW_AT_LATEST_S = 60.0
+
+# A fresh token (e.g. minted again, or printed by --token-command); raises RenewFailed.
+TokenSource = Callable[[], Awaitable[str]]
+
+
+class RenewFailed(Exception):
+    """No new token could be obtained; the message says why."""
+
+
+async def command_token(command: str, timeout_s: float = 30.0) -> str:
+    """The token that `command` (a shell command line, e.g. an auth service's CLI) prints."""
+    # subprocess in a thread, not asyncio's subprocesses: under uvloop, spawning while the
+    # prompt's thread waits in input() can hang the event loop.
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            command,
+            shell=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise RenewFailed(f"{command!r} did not finish within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise RenewFailed(f"{command!r} could not run: {exc}") from None
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["nothing"]
+        raise RenewFailed(f"{command!r} exited with {done.returncode}: {said[0]}")
+    token = done.stdout.decode(errors="replace").strip()
+    if not token or len(token.split()) != 1:
+        raise RenewFailed(f"{command!r} did not print one token")
+    return token
 
 
 class ChatClient:
-    def __init__(self, *, url: str, token: str, thread_id: str | None, console: Console) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str | None,
+        thread_id: str | None,
+        console: Console,
+        renew: TokenSource | None = None,
+    ) -> None:
         self._url = url
         self._token = token
+        self._renew = renew
+        self._renewal: asyncio.Task[None] | None = None
+        self._auth_error: str | None = None
         self.thread_id = thread_id
         self._console = console
         self._ws: ClientConnection | None = None
@@ -46,6 +102,9 @@ class ChatClient:
     # ------------------------------------------------------------------ connection
 
     async def run(self) -> int:
+        # Without --token, the first token comes from the token source too.
+        if self._token is None and (self._renew is None or not await self._renewed()):
+            return 1
         loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
         loop.add_signal_handler(signal.SIGINT, self._on_interrupt)
@@ -53,12 +112,16 @@ class ChatClient:
         try:
             return await self._conversation()
         except asyncio.CancelledError:
+            if self._fatal:  # already said, by _stay_connected
+                return 1
             self._console.print("\n[dim]bye[/]")
             return 0
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await receiver
+            if self._renewal is not None:
+                self._renewal.cancel()
             loop.remove_signal_handler(signal.SIGINT)
 
     async def _stay_connected(self) -> None:
@@ -72,14 +135,18 @@ class ChatClient:
                     delay = 0.5
                     await self._receive(ws)
             except (OSError, ConnectionClosed, InvalidStatus) as exc:
-                code = exc.rcvd.code if isinstance(exc, ConnectionClosed) and exc.rcvd else None
-                if code in (4401, 4403):
-                    self._fatal = (
-                        "the server refused this token"
-                        if code == 4401
-                        else "the server does not allow this client's origin"
-                    )
-                    await self._events.put({"type": "_fatal"})
+                self._connected.clear()
+                closed = exc.rcvd if isinstance(exc, ConnectionClosed) else None
+                if closed is not None and closed.code == 4401:
+                    expired = "token expired" in (closed.reason, self._auth_error)
+                    if expired and self._renew is not None and await self._renewed():
+                        # Missed the renewal (e.g. the machine slept): reconnect at once.
+                        self._console.print("[yellow]token expired; renewed it, reconnecting…[/]")
+                        continue
+                    self._stop(self._refusal(expired))
+                    return
+                if closed is not None and closed.code == 4403:
+                    self._stop("the server does not allow this client's origin")
                     return
             # Also after a clean close (1001 when the server shuts down), which ends the
             # receive loop without an exception.
@@ -89,13 +156,71 @@ class ChatClient:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
+    def _refusal(self, expired: bool) -> str:
+        if not expired:
+            return f"the server refused this token: {self._auth_error or 'unauthorized'}"
+        if self._renew is None:
+            return (
+                "your token expired; get a new one and run parley chat again with "
+                f"--token NEW{f' --thread {self.thread_id}' if self.thread_id else ''} "
+                "(or give --token-command, which parley chat runs to renew it)"
+            )
+        return "your token expired and no new one could be obtained"
+
+    def _stop(self, message: str) -> None:
+        """Say why the chat cannot go on, now (the prompt may be waiting), and end it."""
+        self._fatal = message
+        self._console.print(f"\n{message}", style="red", markup=False, highlight=False)
+        if self._main is not None:
+            self._main.cancel()
+
+    async def _renewed(self) -> bool:
+        assert self._renew is not None
+        try:
+            self._token = await self._renew()
+        except RenewFailed as exc:
+            self._console.print(
+                f"could not renew the token: {exc}", style="red", markup=False, highlight=False
+            )
+            return False
+        self._auth_error = None
+        return True
+
+    def _renew_before(self, expires_at: str | None) -> None:
+        """Send `authenticate` with a new token before the current one expires at `expires_at`."""
+        if self._renew is None or expires_at is None:  # None: a server without expiry
+            return
+        left = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp() - time.time()
+        if self._renewal is not None:
+            self._renewal.cancel()
+        self._renewal = asyncio.create_task(
+            self._renew_after(max(left / 2, left - RENEW_AT_LATEST_S))
+        )
+
+    async def _renew_after(self, delay: float) -> None:
+        await asyncio.sleep(max(0.0, delay))
+        if await self._renewed() and self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(json.dumps({"type": "authenticate", "token": self._token}))
+
     async def _receive(self, ws: ClientConnection) -> None:
         async for raw in ws:
             frame = json.loads(raw)
             kind = frame.get("type")
             if kind == "ping":
                 await ws.send(json.dumps({"type": "pong"}))
+            elif kind == "authenticated":
+                self._renew_before(frame.get("token_expires_at"))
+            elif kind == "error" and frame.get("code") == "unauthorized":
+                # Before system_message: why the handshake was refused. Later: a renewal
+                # refused; the connection keeps the token it has.
+                self._auth_error = frame["message"]
+                if self._connected.is_set():
+                    self._console.print(
+                        frame["message"], style="red", markup=False, highlight=False
+                    )
             elif kind == "system_message":
+                self._renew_before(frame.get("token_expires_at"))
                 self._connected.set()
                 self._console.print(
                     f"[dim]connected as {frame['user_id']} · model {frame.get('model')}[/]"
@@ -135,14 +260,24 @@ class ChatClient:
             await self._events.put(following)
 
     async def _send(self, message: dict[str, Any]) -> None:
-        await self._connected.wait()
-        assert self._ws is not None
-        await self._ws.send(json.dumps(message))
+        while True:
+            await self._connected.wait()
+            assert self._ws is not None
+            try:
+                await self._ws.send(json.dumps(message))
+                return
+            except ConnectionClosed:
+                # It closed a moment ago and _stay_connected has not seen it yet: send again
+                # once it has reconnected (a `user_message`'s client_message_id makes that safe).
+                await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ the conversation
 
     async def _conversation(self) -> int:
-        await asyncio.wait_for(self._connected.wait(), timeout=30)
+        # Not wait_for: on Python 3.11 it swallows a cancel (_stop's) that arrives just as the
+        # connection comes up, and the chat would go on after saying it cannot.
+        async with asyncio.timeout(30):
+            await self._connected.wait()
         if self.thread_id is not None:
             self._last_seq.setdefault(self.thread_id, 0)
         while True:
@@ -150,18 +285,12 @@ class ChatClient:
             text = await self._read_line()
             if text is None:
                 return 0
-            if self._fatal:
-                self._console.print(f"[red]{self._fatal}[/]")
-                return 1
             text = text.strip()
             if text in ("/quit", "/exit"):
                 return 0
             if not text:
                 continue
             await self._ask(text)
-            if self._fatal:
-                self._console.print(f"[red]{self._fatal}[/]")
-                return 1
 
     async def _read_line(self) -> str | None:
         """One line from the terminal, read in a daemon thread so that Ctrl-C can quit even
@@ -195,8 +324,6 @@ class ChatClient:
         await self._send(message)
         while True:
             frame = await self._events.get()
-            if frame["type"] == "_fatal":
-                return
             if frame["type"] == "error":
                 self._console.print(f"[red]error {frame['code']}: {frame['message']}[/]")
                 return
@@ -215,8 +342,6 @@ class ChatClient:
         try:
             while True:
                 event = await self._events.get()
-                if event["type"] == "_fatal":
-                    return
                 if event.get("run_id") != self._run_id:
                     continue
                 kind = event["type"]

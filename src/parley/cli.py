@@ -243,21 +243,43 @@ def chat(
         str | None, typer.Option(help="JWT; in development one is minted for user 'dev'")
     ] = None,
     thread: Annotated[str | None, typer.Option(help="Continue this thread id")] = None,
+    token_command: Annotated[
+        str | None,
+        typer.Option(
+            help="A shell command that prints a fresh JWT; run at start and again to renew the "
+            "token before it expires"
+        ),
+    ] = None,
 ) -> None:
     """Chat in the terminal: the agent's thinking, tool calls and answer, live."""
-    from parley.chat import ChatClient
+    from parley.chat import ChatClient, TokenSource, command_token
 
     settings = _settings()
-    if token is None:
-        if settings.environment.is_deployed or settings.jwt_secret is not None:
-            err.print("--token is required (a JWT from your auth service)")
+    renew: TokenSource | None = None
+    if token_command is not None:
+        if token is not None:
+            err.print("give --token or --token-command, not both")
             raise typer.Exit(2)
-        token = mint_token(secret=development_secret(settings.data_dir), user_id="dev", ttl_s=86400)
+        command = token_command
+
+        async def renew() -> str:
+            return await command_token(command)
+
+    elif token is None:
+        if settings.environment.is_deployed or settings.jwt_secret is not None:
+            err.print("--token or --token-command is required (a JWT from your auth service)")
+            raise typer.Exit(2)
+        secret = development_secret(settings.data_dir)
+
+        async def renew() -> str:
+            return mint_token(secret=secret, user_id="dev", ttl_s=86400)
+
     client = ChatClient(
         url=url or f"ws://{settings.host}:{settings.port}/ws",
         token=token,
         thread_id=thread,
         console=Console(),
+        renew=renew,
     )
     raise typer.Exit(_run(client.run()))
 

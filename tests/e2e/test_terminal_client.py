@@ -6,19 +6,22 @@ import asyncio
 import io
 import re
 import sys
+import time
 import uuid
+from pathlib import Path
 
 import pexpect
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Text, ToolCall
-from tests.harness import CuttingProxy, ServerProcess, make_token
+from tests.harness import CuttingProxy, ServerProcess, make_token, unique_user
 
 
-def chat(url: str, user: str) -> pexpect.spawn:
+def chat(url: str, user: str, *credentials: str) -> pexpect.spawn:
+    """`parley chat` as `user`: with a fresh hour-long `--token`, or with `credentials`."""
     child = pexpect.spawn(
         sys.executable,
-        ["-m", "parley", "chat", "--url", url, "--token", make_token(user)],
+        ["-m", "parley", "chat", "--url", url, *(credentials or ["--token", make_token(user)])],
         env={"TERM": "xterm", "COLUMNS": "120", "LINES": "40", "PATH": "/usr/bin:/bin"},
         encoding="utf-8",
         timeout=20,
@@ -102,3 +105,41 @@ async def test_chat_reconnects_after_the_server_restarts(spawn: SpawnServer) -> 
     finally:
         again.stop()
         child.terminate(force=True)
+
+
+async def test_chat_says_the_token_expired_and_exits_when_it_cannot_renew_it(
+    server: ServerProcess,
+) -> None:
+    user = unique_user("short")
+    # Long enough to connect on a busy machine; then it expires at the prompt.
+    child = chat(server.ws_url, user, "--token", make_token(user, ttl=15))
+    await asyncio.to_thread(child.expect, "your token expired; get a new one", timeout=40)
+    await expect(child, pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1
+
+
+async def test_chat_renews_its_token_with_token_command_and_stays_connected(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    user = unique_user("renewing")
+    # A token command that prints the next of these tokens each time it runs (a real one
+    # would ask an auth service); the first expires 20 s from now, the next ones much later.
+    now = int(time.time())
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{make_token(user, ttl=ttl)}\n" for ttl in (20, 600, 1200)))
+    command = f"head -n 1 {tokens}; sed -i 1d {tokens}"
+    child = chat(server.ws_url, user, "--token-command", command)
+    # Past the first token's exp, with the connection kept throughout.
+    await asyncio.sleep(max(0, now + 23 - time.time()))
+    child.sendline("still connected?")
+    await expect(child, "echo: still connected?")
+    await expect(child, "completed")
+    child.sendline("/quit")
+    await expect(child, pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert tokens.read_text().count("\n") == 1, "the command did not run twice"
+    transcript = child.logfile_read.getvalue()
+    assert "expired" not in transcript, transcript
+    assert "reconnecting" not in transcript, transcript
