@@ -78,5 +78,8 @@ def test_a_released_trial_lets_the_next_call_try() -> None:
         b.record_failure()
     clock.now += 10
     b.before_call()
+    with pytest.raises(CircuitOpenError):
+        b.before_call()  # the trial is still out
     b.release()
-    b.before_call()
+    b.before_call()  # released without an outcome: the next call may try
+    assert b.state is CircuitState.HALF_OPEN
