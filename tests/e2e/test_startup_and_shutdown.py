@@ -7,12 +7,13 @@ exit, the phase named in the first line, the phase table, no secret printed, not
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import pwd
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -22,11 +23,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SpawnServer, llm_env
 from tests.fakes.llm_server import FakeLLM, Text
-from tests.harness import base_env, free_port, parley_command, unique_user
+from tests.harness import base_env, make_token, parley_command, refusing_port, unique_user
 
 PHASE_NAMES = ("settings", "database", "event_bus", "llm", "tools", "supervisor", "transport")
 
@@ -36,7 +38,6 @@ class Outcome:
     code: int
     stderr: str
     stdout: str
-    port: int
 
     @property
     def first_line(self) -> str:
@@ -44,8 +45,8 @@ class Outcome:
 
 
 def run_parley(tmp_path: Path, *args: str, timeout: float = 60, **env: str) -> Outcome:
-    port = free_port()
-    full_env = base_env(tmp_path / "data", PORT=str(port), **env)
+    # Port 0: were startup to pass by mistake, the server would take a port no one else has.
+    full_env = base_env(tmp_path / "data", PORT="0", **env)
     for key in [k for k, v in full_env.items() if v == ""]:
         del full_env[key]
     done = subprocess.run(
@@ -56,12 +57,26 @@ def run_parley(tmp_path: Path, *args: str, timeout: float = 60, **env: str) -> O
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
-    return Outcome(done.returncode, done.stderr, done.stdout, port)
+    return Outcome(done.returncode, done.stderr, done.stdout)
 
 
-def port_is_closed(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on: its sockets in LISTEN state, from /proc."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def assert_failed_in(outcome: Outcome, phase: str, *words: str) -> None:
@@ -73,7 +88,6 @@ def assert_failed_in(outcome: Outcome, phase: str, *words: str) -> None:
         assert name in outcome.stderr
     assert "not reached" in outcome.stderr or phase == "transport"
     assert "Traceback" not in outcome.stderr
-    assert port_is_closed(outcome.port)
 
 
 def test_no_language_model_configured_fails_in_llm_with_how_to_configure(tmp_path: Path) -> None:
@@ -137,31 +151,35 @@ def test_unwritable_sqlite_path_fails_in_database_at_once(
         "serve",
         **llm_env(fake_llm),
         DATABASE_URL=f"sqlite+aiosqlite:///{blocker}/sub/parley.db",
+        STARTUP_TIMEOUT_S="60",
     )
     assert_failed_in(outcome, "database", "cannot be created")
-    assert time.monotonic() - started < 10  # a configuration error is not retried
+    # A configuration error is not retried until STARTUP_TIMEOUT_S ("not never": no speed bound).
+    assert time.monotonic() - started < 40
 
 
 def test_unreachable_database_is_retried_then_fails_in_database_without_the_password(
     tmp_path: Path, fake_llm: FakeLLM
 ) -> None:
-    url = f"postgresql+asyncpg://parley:hunter2-password@127.0.0.1:{free_port()}/parley"
-    outcome = run_parley(
-        tmp_path, "serve", **llm_env(fake_llm), DATABASE_URL=url, STARTUP_TIMEOUT_S="3"
-    )
+    with refusing_port() as port:
+        url = f"postgresql+asyncpg://parley:hunter2-password@127.0.0.1:{port}/parley"
+        outcome = run_parley(
+            tmp_path, "serve", **llm_env(fake_llm), DATABASE_URL=url, STARTUP_TIMEOUT_S="3"
+        )
     assert_failed_in(outcome, "database")
     assert "attempts" in outcome.stderr
     assert "hunter2-password" not in outcome.stderr + outcome.stdout
 
 
 def test_unreachable_redis_fails_in_event_bus(tmp_path: Path, fake_llm: FakeLLM) -> None:
-    outcome = run_parley(
-        tmp_path,
-        "serve",
-        **llm_env(fake_llm),
-        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
-        STARTUP_TIMEOUT_S="2",
-    )
+    with refusing_port() as port:
+        outcome = run_parley(
+            tmp_path,
+            "serve",
+            **llm_env(fake_llm),
+            REDIS_URL=f"redis://127.0.0.1:{port}/0",
+            STARTUP_TIMEOUT_S="2",
+        )
     assert_failed_in(outcome, "event_bus")
 
 
@@ -210,39 +228,46 @@ def test_agents_module_that_raises_fails_in_supervisor(tmp_path: Path, fake_llm:
 
 
 def test_unreachable_auth_service_fails_in_transport(tmp_path: Path, fake_llm: FakeLLM) -> None:
-    outcome = run_parley(
-        tmp_path,
-        "serve",
-        **llm_env(fake_llm),
-        JWT_SECRET="",
-        AUTH_SERVICE_URL=f"http://127.0.0.1:{free_port()}",
-        STARTUP_TIMEOUT_S="2",
-    )
+    with refusing_port() as port:
+        outcome = run_parley(
+            tmp_path,
+            "serve",
+            **llm_env(fake_llm),
+            JWT_SECRET="",
+            AUTH_SERVICE_URL=f"http://127.0.0.1:{port}",
+            STARTUP_TIMEOUT_S="2",
+        )
     assert_failed_in(outcome, "transport")
 
 
 # ---------------------------------------------------------------------------- parley check
 
 
-def test_check_runs_every_phase_and_the_llm_probe(tmp_path: Path, fake_llm: FakeLLM) -> None:
-    outcome = run_parley(tmp_path, "check", "--llm-probe", **llm_env(fake_llm))
+def test_check_runs_every_phase_and_the_llm_probe(tmp_path: Path, private_llm: FakeLLM) -> None:
+    outcome = run_parley(tmp_path, "check", "--llm-probe", **llm_env(private_llm))
     assert outcome.code == 0, outcome.stderr
     for name in (*PHASE_NAMES, "llm_probe"):
         line = next(line for line in outcome.stdout.splitlines() if f" {name} " in line)
         assert " ok " in line, line
-    assert any("/chat/completions" for _ in fake_llm.requests)
+    # The probe is a real completion, answered by this test's own fake (which echoes it).
+    probes = [r for r in private_llm.requests if "ready" in json.dumps(r.get("messages"))]
+    assert len(probes) == 1, private_llm.requests
+    probe_line = next(line for line in outcome.stdout.splitlines() if " llm_probe " in line)
+    assert "echo:" in probe_line, probe_line
 
 
 def test_check_fails_when_the_llm_probe_fails(tmp_path: Path, fake_llm: FakeLLM) -> None:
-    env = {**llm_env(fake_llm), "LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
-    outcome = run_parley(tmp_path, "check", "--llm-probe", **env)
+    with refusing_port() as port:
+        env = {**llm_env(fake_llm), "LLM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        outcome = run_parley(tmp_path, "check", "--llm-probe", **env)
     assert outcome.code == 1
     assert outcome.first_line.startswith("check failed in phase llm_probe")
 
 
 def test_check_without_probe_does_not_call_the_llm(tmp_path: Path, fake_llm: FakeLLM) -> None:
-    env = {**llm_env(fake_llm), "LLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
-    outcome = run_parley(tmp_path, "check", **env)
+    with refusing_port() as port:
+        env = {**llm_env(fake_llm), "LLM_BASE_URL": f"http://127.0.0.1:{port}/v1"}
+        outcome = run_parley(tmp_path, "check", **env)
     assert outcome.code == 0, outcome.stderr
 
 
@@ -253,6 +278,52 @@ def test_token_and_migrate_commands(tmp_path: Path) -> None:
     migrated = run_parley(tmp_path, "migrate")
     assert migrated.code == 0
     assert "revision 0002" in migrated.stdout
+
+
+@pytest.mark.parametrize(
+    "args", [("frobnicate",), ("serve", "--no-such-option"), ("token",), ("serve", "--port", "x")]
+)
+def test_bad_command_line_usage_exits_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    outcome = run_parley(tmp_path, *args)
+    assert outcome.code == 2, outcome.stderr
+    assert "Usage:" in outcome.stderr + outcome.stdout
+
+
+async def test_a_failing_startup_never_listens_while_it_retries(
+    spawn: SpawnServer, fake_llm: FakeLLM, tmp_path: Path
+) -> None:
+    # The detector sees a serving process's port (so it can see one where none should be).
+    serving = spawn()
+    assert serving.proc is not None
+    assert listening_ports(serving.proc.pid) == {serving.port}
+    with refusing_port() as port:
+        env = base_env(
+            tmp_path / "data",
+            **llm_env(fake_llm),
+            PORT="0",
+            DATABASE_URL=f"postgresql+asyncpg://parley@127.0.0.1:{port}/parley",
+            STARTUP_TIMEOUT_S="4",
+        )
+        failing = await asyncio.create_subprocess_exec(
+            *parley_command("serve"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        samples: list[set[int]] = []
+        try:
+            while failing.returncode is None:
+                samples.append(listening_ports(failing.pid))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(failing.wait(), 0.1)
+        finally:
+            if failing.returncode is None:
+                failing.kill()
+            await failing.wait()
+    assert failing.returncode == 1
+    assert len(samples) >= 10, "the process was not watched while it retried"
+    assert not set().union(*samples), "a port was open while startup was failing"
 
 
 # ---------------------------------------------------------------------------- readiness
@@ -268,14 +339,15 @@ class PrivatePostgres:
 
     @property
     def url(self) -> str:
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+asyncpg://postgres@/postgres?host={self.data}&port={self.port}"
 
     def _ctl(self, *args: str) -> None:
         command = [str(self.bin_dir / "pg_ctl"), "-D", str(self.data), *args]
         subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=60)
 
     def start(self) -> None:
-        options = f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off"
+        # A Unix socket in its own directory only: no TCP port to race other processes for.
+        options = f"-p {self.port} -k {self.data} -c listen_addresses='' -c fsync=off"
         self._ctl("-w", "-l", str(self.data / "log"), "-o", options, "start")
 
     def stop(self) -> None:
@@ -301,7 +373,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         shutil.chown(data, pwd.getpwnam("postgres").pw_uid)
     initdb = [str(Path(bin_dir) / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"]
     subprocess.run(_as_postgres(initdb), check=True, capture_output=True, timeout=120)
-    server = PrivatePostgres(Path(bin_dir), data, free_port())
+    server = PrivatePostgres(Path(bin_dir), data, 5432)
     server.start()
     yield server
     subprocess.run(
@@ -357,11 +429,15 @@ async def test_sigterm_cancels_a_run_past_the_grace_period_and_closes_with_1001(
         await client.recv_type("agent_message_delta")
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
+        signalled = len(client.frames)
         await wait_for_readiness(server.http, 503, timeout=3)
         refused = await client.ask("one more?")
         events = await client.run_events(accepted["run_id"])
         with pytest.raises(ConnectionClosed) as closed:
             await client.recv()
+    # The run went on streaming during the grace period, and only then was cancelled.
+    after = [f["type"] for f in client.frames[signalled:] if f.get("run_id") == accepted["run_id"]]
+    assert after.count("agent_message_delta") >= 3, after
     assert refused["type"] == "error"
     assert refused["code"] == "unavailable"
     assert events[-1]["type"] == "agent_cancelled"
@@ -420,3 +496,89 @@ async def test_runs_orphaned_by_a_killed_process_are_ended_at_the_next_start(
         )
         == 1
     )
+
+
+def metric(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[-1])
+
+
+async def _connect_during_drain(url: str) -> tuple[list[dict[str, object]], int | None]:
+    """Connect as a new user; the frames received until the server closed, and its code."""
+    headers = {"Authorization": f"Bearer {make_token(unique_user())}"}
+    frames = []
+    async with websockets.connect(url, additional_headers=headers) as ws:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+    return frames, ws.close_code
+
+
+async def test_a_drain_refuses_new_connections_and_a_second_signal_skips_the_grace_wait(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    grace_s = 100
+    server = spawn(SHUTDOWN_GRACE_S=str(grace_s))
+    assert server.proc is not None
+    t = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("slow " * 2000, chunk=5, delay_s=0.1))
+    async with httpx.AsyncClient(base_url=server.http) as http:
+        before = metric((await http.get("/metrics")).text, "parley_supervisor_accepting")
+        async with server.connect(unique_user()) as client:
+            accepted = await client.ask(f"outlast the grace period {t}")
+            await client.recv_type("agent_message_delta")
+            server.proc.send_signal(signal.SIGTERM)
+            signalled = len(client.frames)
+            await wait_for_readiness(server.http, 503, timeout=5)
+            during = metric((await http.get("/metrics")).text, "parley_supervisor_accepting")
+            # A handshake that completes during the drain is closed at once, with no frame.
+            refused, code = await _connect_during_drain(server.ws_url)
+            # The watchdog (it looks every 5 s) notices the supervisor stopped accepting work.
+            deadline = time.monotonic() + 20
+            while "watchdog.supervisor_not_accepting" not in server.read_log():
+                assert time.monotonic() < deadline, server.read_log()[-2000:]
+                with contextlib.suppress(TimeoutError):
+                    await client.recv(timeout=0.2)
+            streamed = [
+                f
+                for f in client.frames[signalled:]
+                if f["type"] == "agent_message_delta" and f["run_id"] == accepted["run_id"]
+            ]
+            server.proc.send_signal(signal.SIGTERM)
+            # Well before the grace period would end: the bound only says "not never".
+            try:
+                exit_code = await asyncio.to_thread(server.proc.wait, grace_s / 2)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the second signal did not skip the grace wait")
+    assert before == 1
+    assert during == 0
+    assert (refused, code) == ([], 1001)
+    assert len(streamed) >= 3, "the run did not go on streaming during the grace period"
+    assert exit_code == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="app.ParleyServer.handle_exit: a second signal sets force_exit, so uvicorn exits at "
+    "once; the components close under the running run, whose terminal write fails (the event "
+    "log is closed): no agent_cancelled, the run stays running, and the socket drops without 1001",
+)
+async def test_a_second_signal_still_ends_each_run_with_server_shutdown_and_closes_1001(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    server = spawn(SHUTDOWN_GRACE_S="100")
+    assert server.proc is not None
+    t = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("slow " * 2000, chunk=5, delay_s=0.1))
+    async with server.connect(unique_user()) as client:
+        accepted = await client.ask(f"outlast the grace period {t}")
+        await client.recv_type("agent_message_delta")
+        server.proc.send_signal(signal.SIGTERM)
+        await wait_for_readiness(server.http, 503, timeout=5)
+        server.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await client.recv(timeout=30)
+    events = client.events_of(accepted["run_id"])
+    assert events[-1]["type"] == "agent_cancelled", [e["type"] for e in events[-3:]]
+    assert events[-1]["reason"] == "server_shutdown"
+    assert client.ws.close_code == 1001
+    assert server.stop() == 0
