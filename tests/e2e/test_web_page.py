@@ -4,18 +4,21 @@ the connection in the middle of a run, as a network blip or a server-side close 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import jwt
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Text, ToolCall
-from tests.harness import CuttingProxy, make_token
+from tests.harness import JWT_SECRET, CuttingProxy, make_token
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
@@ -42,6 +45,10 @@ async def browser() -> AsyncIterator[Browser]:
         )
         yield launched
         await launched.close()
+
+
+def token_until(user: str, exp: int) -> str:
+    return jwt.encode({"sub": user, "exp": exp}, JWT_SECRET, "HS256")
 
 
 def trigger() -> str:
@@ -152,3 +159,53 @@ async def test_a_refused_token_sends_the_page_back_to_sign_in(
     await page.goto(server.http + "/#token=" + make_token("x", ttl=-100))
     await expect(page.locator("#status")).to_contain_text("refused")
     await expect(page.get_by_label("Access token (JWT)")).to_be_visible()
+
+
+async def test_the_page_asks_for_a_new_token_before_expiry_and_stays_connected(
+    spawn: SpawnServer, browser: Browser
+) -> None:
+    server = spawn()
+    user = f"renew-{uuid.uuid4().hex[:8]}"
+    first_exp = int(time.time()) + 10
+    page = await browser.new_page()
+    await page.goto(server.http + "/#token=" + token_until(user, first_exp))
+    await expect(page.locator("#status")).to_contain_text(f"Connected as {user}")
+    # Asked half way through the token's life (the server would close at its exp).
+    renew = page.get_by_label(re.compile("Your access token expires at"))
+    await expect(renew).to_be_visible(timeout=10_000)
+    # Another user's token is refused and the connection keeps its own.
+    await renew.fill(make_token("someone-else"))
+    await page.get_by_role("button", name="Renew token").click()
+    await expect(page.locator("#renew-error")).to_contain_text("another user")
+    await renew.fill(make_token(user))
+    await page.get_by_role("button", name="Renew token").click()
+    await expect(page.locator("#status")).to_contain_text("token renewed")
+    await expect(page.locator("#renew")).to_be_hidden()
+    # Past the first token's exp, the page is still connected and a run works.
+    await asyncio.sleep(max(0.0, first_exp + 2 - time.time()))
+    await expect(page.locator("#status")).to_contain_text("token renewed")
+    await send(page, "still here?")
+    await expect(page.locator(".terminal.completed")).to_be_visible()
+    await expect(page.locator(".answer")).to_have_text("echo: still here?")
+
+
+async def test_an_expired_token_sends_the_page_to_sign_in_and_it_goes_on_in_the_same_thread(
+    spawn: SpawnServer, browser: Browser
+) -> None:
+    server = spawn()
+    user = f"expire-{uuid.uuid4().hex[:8]}"
+    page = await browser.new_page()
+    await page.goto(server.http + "/#token=" + token_until(user, int(time.time()) + 6))
+    await expect(page.locator("#status")).to_contain_text(f"Connected as {user}")
+    await send(page, "remember me")
+    await expect(page.locator(".answer")).to_have_text("echo: remember me")
+    await expect(page.locator("#status")).to_contain_text(
+        "Your token expired: paste a new one", timeout=15_000
+    )
+    await expect(page.get_by_label("Access token (JWT)")).to_be_visible()
+    await page.get_by_label("Access token (JWT)").fill(make_token(user))
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.locator("#status")).to_contain_text(f"Connected as {user}")
+    await send(page, "and go on")
+    await expect(page.locator(".answer").nth(1)).to_have_text("echo: and go on")
+    await expect(page.locator("#thread-list li")).to_have_count(1)

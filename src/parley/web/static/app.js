@@ -3,10 +3,13 @@
 // last one it showed, drops anything it has already shown, and after a reconnect asks the
 // server to `resume` from there, so a network blip loses and duplicates nothing on screen.
 // All text from the server is inserted with textContent, never as HTML.
+// The server closes the socket at the token's `exp` unless the page sends `authenticate` with a
+// newer token first; the page cannot mint tokens, so it asks for one before that.
 "use strict";
 
 const TOKEN_KEY = "parley.token";
 const TERMINAL = new Set(["agent_completed", "agent_error", "agent_cancelled"]);
+const RENEW_AHEAD_MS = 60000; // ask for a new token a minute before expiry (or half way)
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -22,6 +25,10 @@ const state = {
   runs: new Map(),          // run_id -> its view
   activeRuns: new Set(),
   pending: new Map(),       // thread_id -> Map(seq -> event) waiting behind a gap
+  tokenExpiresAt: null,     // ms since the epoch
+  renewTimer: null,
+  renewing: null,           // a token sent with `authenticate`, until the answer
+  authError: null,          // the last `unauthorized` error's message
 };
 
 function el(tag, className, text) {
@@ -37,6 +44,7 @@ function setStatus(text) { $("status").textContent = text; }
 
 function signIn(token) {
   state.token = token.trim();
+  state.authError = null;
   localStorage.setItem(TOKEN_KEY, state.token);
   $("sign-in").hidden = true;
   $("chat").hidden = false;
@@ -50,6 +58,9 @@ function signOut(reason) {
   localStorage.removeItem(TOKEN_KEY);
   state.token = null;
   clearTimeout(state.retryTimer);
+  clearTimeout(state.renewTimer);
+  state.renewing = null;
+  $("renew").hidden = true;
   if (state.ws) { state.ws.onclose = null; state.ws.close(1000); }
   state.ws = null;
   $("chat").hidden = true;
@@ -69,7 +80,11 @@ function connect() {
   ws.onclose = (event) => {
     state.connected = false;
     updateButtons();
-    if (event.code === 4401) return signOut("Your token was refused: sign in again");
+    if (event.code === 4401 && event.reason === "token expired") {
+      // The current thread is kept: signing in again resumes it where it stopped.
+      return signOut("Your token expired: paste a new one to continue");
+    }
+    if (event.code === 4401) return signOut(`Your token was refused (${state.authError || "unauthorized"}): sign in again`);
     if (event.code === 4403) return setStatus("This page's origin is not allowed by the server");
     setStatus(`Connection lost (${event.code}); reconnecting in ${Math.round(state.retryMs / 100) / 10}s…`);
     state.retryTimer = setTimeout(connect, state.retryMs);
@@ -91,6 +106,7 @@ function handle(frame) {
       state.connected = true;
       state.retryMs = 500;
       setStatus(`Connected as ${frame.user_id} · model ${frame.model || "unknown"}`);
+      expiresAt(frame.token_expires_at);
       updateButtons();
       if (state.currentThread) resume(state.currentThread);
       return;
@@ -99,6 +115,8 @@ function handle(frame) {
       return;
     case "message_accepted":
       return accepted(frame);
+    case "authenticated":
+      return authenticated(frame);
     case "resume_complete": {
       // Whatever still waits behind a gap the replay could not fill: show it now, in order.
       const waiting = state.pending.get(frame.thread_id) || new Map();
@@ -107,6 +125,13 @@ function handle(frame) {
       return;
     }
     case "error":
+      if (frame.code === "unauthorized") state.authError = frame.message;
+      if (frame.code === "unauthorized" && state.renewing) {
+        // The new token was refused; the connection keeps the one it has.
+        state.renewing = null;
+        $("renew-error").textContent = frame.message;
+        return;
+      }
       setStatus(`Error ${frame.code}: ${frame.message}`);
       if (frame.client_message_id) state.pendingText.delete(frame.client_message_id);
       return;
@@ -117,6 +142,46 @@ function handle(frame) {
 
 function resume(threadId) {
   send({ type: "resume", thread_id: threadId, after_seq: state.lastSeq.get(threadId) || 0 });
+}
+
+// ---------------------------------------------------------------- token lifetime
+
+function expiresAt(iso) {
+  clearTimeout(state.renewTimer);
+  const at = Date.parse(iso);
+  if (Number.isNaN(at)) return; // a server that does not say
+  state.tokenExpiresAt = at;
+  const left = at - Date.now();
+  state.renewTimer = setTimeout(askForToken, Math.max(0, left / 2, left - RENEW_AHEAD_MS));
+}
+
+function askForToken() {
+  const at = new Date(state.tokenExpiresAt).toLocaleTimeString();
+  $("renew-label").textContent = `Your access token expires at ${at}. Paste a new one to stay connected:`;
+  $("renew-error").textContent = "";
+  $("renew").hidden = false;
+}
+
+function renew(token) {
+  state.renewing = token.trim();
+  $("renew-error").textContent = "";
+  if (!send({ type: "authenticate", token: state.renewing })) {
+    state.renewing = null;
+    $("renew-error").textContent = "Not connected: try again in a moment";
+  }
+}
+
+function authenticated(frame) {
+  if (state.renewing) {
+    state.token = state.renewing;
+    localStorage.setItem(TOKEN_KEY, state.token);
+    state.renewing = null;
+  }
+  $("renew").hidden = true;
+  $("renew-input").value = "";
+  expiresAt(frame.token_expires_at);
+  const until = new Date(state.tokenExpiresAt).toLocaleTimeString();
+  setStatus(`Connected as ${frame.user_id} · token renewed, valid until ${until}`);
 }
 
 // ---------------------------------------------------------------- threads
@@ -316,6 +381,17 @@ document.addEventListener("DOMContentLoaded", () => {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("composer").requestSubmit(); }
   });
   $("stop").addEventListener("click", stopRuns);
+  $("renew").addEventListener("submit", (event) => {
+    event.preventDefault();
+    renew($("renew-input").value);
+  });
+  // A new sign-in link opened in this tab: use its token on the open connection.
+  window.addEventListener("hashchange", () => {
+    const token = new URLSearchParams(location.hash.slice(1)).get("token");
+    if (!token) return;
+    history.replaceState(null, "", location.pathname);
+    if (state.connected) renew(token); else signIn(token);
+  });
   $("new-thread").addEventListener("click", newThread);
 
   // `make serve` prints a link with the token in the fragment (never sent to a server).
