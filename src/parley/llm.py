@@ -13,12 +13,13 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
 import httpx2
+import openai
 from openai import AsyncOpenAI
 from pydantic_ai.direct import model_request
 from pydantic_ai.exceptions import (
@@ -43,6 +44,7 @@ from pydantic_ai.tools import RunContext
 from parley.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from parley.errors import LLMError, LLMUnavailable, ParleyError
 from parley.llm_probe import ProbeMonitor, Prober
+from parley.llm_stream import StreamFailed
 from parley.observability import Metrics
 
 _OUTAGES = (
@@ -54,6 +56,9 @@ _OUTAGES = (
     httpx.TransportError,
     httpx2.TransportError,
     TimeoutError,
+    # What Parley's own streaming loop (llm_stream.py) sees from the OpenAI SDK.
+    openai.APIConnectionError,  # also APITimeoutError
+    StreamFailed,
 )
 
 
@@ -61,7 +66,9 @@ def is_outage(exc: BaseException) -> bool:
     """Failures that say the provider is down or overloaded (they open the circuit)."""
     if isinstance(exc, _OUTAGES):
         return True
-    return isinstance(exc, ModelHTTPError) and (exc.status_code >= 500 or exc.status_code == 429)
+    if isinstance(exc, ModelHTTPError | openai.APIStatusError):
+        return exc.status_code >= 500 or exc.status_code == 429
+    return False
 
 
 def classify_llm_error(exc: BaseException) -> ParleyError | None:
@@ -72,7 +79,7 @@ def classify_llm_error(exc: BaseException) -> ParleyError | None:
         return LLMUnavailable(f"language model unavailable: {exc}")
     if is_outage(exc):
         return LLMUnavailable(f"language model unavailable: {_brief(exc)}")
-    if isinstance(exc, ModelRequestRejectedError | ModelAPIError):
+    if isinstance(exc, ModelRequestRejectedError | ModelAPIError | openai.APIStatusError):
         return LLMError(f"language model refused the request: {_brief(exc)}")
     if isinstance(exc, UnexpectedModelBehavior):
         # The model answered, but with nothing usable (empty, or output that failed validation
@@ -96,6 +103,13 @@ def _public_url(url: str) -> str:
 def _brief(exc: BaseException) -> str:
     if isinstance(exc, ModelHTTPError):
         return f"HTTP {exc.status_code} from {exc.model_name}"
+    if isinstance(exc, openai.APIStatusError):
+        # Never the body: some providers echo the request (and its key) in their errors.
+        return f"HTTP {exc.status_code} from {_public_url(str(exc.request.url))}"
+    if isinstance(exc, openai.APIConnectionError):
+        return type(exc).__name__ + (f": {exc.__cause__}" if exc.__cause__ else "")
+    if isinstance(exc, StreamFailed):
+        return f"the provider failed in the middle of its answer ({exc})"
     return type(exc).__name__ + (f": {exc}" if str(exc) else "")
 
 
@@ -121,7 +135,7 @@ class GuardedModel(WrapperModel):
         model_settings: ModelSettings | None,
         model_request_parameters: ModelRequestParameters,
     ) -> ModelResponse:
-        async with self._guard():
+        async with self.guard():
             return await self.wrapped.request(messages, model_settings, model_request_parameters)
 
     @asynccontextmanager
@@ -133,7 +147,7 @@ class GuardedModel(WrapperModel):
         run_context: RunContext[Any] | None = None,
     ) -> AsyncIterator[StreamedResponse]:
         async with (
-            self._guard(),
+            self.guard(),
             self.wrapped.request_stream(
                 messages, model_settings, model_request_parameters, run_context
             ) as stream,
@@ -141,7 +155,9 @@ class GuardedModel(WrapperModel):
             yield stream
 
     @asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
+    async def guard(self) -> AsyncIterator[None]:
+        """Around one model request (retries included): refused at once while the model is
+        down or the circuit is open; an outage counts toward opening it, success closes it."""
         reason = self._down_reason() if self._down_reason is not None else None
         if reason is not None:
             self._metrics.llm_failures.labels(kind="process_down").inc()
@@ -191,12 +207,18 @@ class LLMManager:
     provider: str
     model_name: str
     model: GuardedModel
+    # The provider's client: Parley's agent loop streams through it (llm_stream.py).
+    client: AsyncOpenAI
     http_client: httpx2.AsyncClient
     description: str
     prober: Prober
     model_settings: ModelSettings | None = None
     process: ModelProcess | None = None
     monitor: ProbeMonitor | None = None
+
+    def guard(self) -> AbstractAsyncContextManager[None]:
+        """The circuit breaker and availability check around one model request."""
+        return self.model.guard()
 
     @property
     def display_name(self) -> str:
@@ -280,6 +302,7 @@ def openai_compatible_manager(
         model=GuardedModel(
             model, breaker, metrics, (lambda: process.down_reason) if process else None
         ),
+        client=client,
         http_client=http_client,
         description=description,
         prober=Prober(

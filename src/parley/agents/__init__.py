@@ -7,11 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic_ai import Agent
-
+from parley.agents.runner import ChatAgent
 from parley.errors import InvalidMessage
 from parley.llm import LLMManager
-from parley.tools import RunDeps, ToolRegistry
+from parley.tools import ToolRegistry
 
 DEFAULT_AGENT = "assistant"
 
@@ -44,23 +43,20 @@ class AgentRegistry:
     def __init__(self, specs: Sequence[AgentSpec], *, llm: LLMManager, tools: ToolRegistry):
         if not specs:
             raise ValueError("at least one agent is required")
-        self._agents: dict[str, Agent[RunDeps, str]] = {}
+        self._agents: dict[str, ChatAgent] = {}
         for spec in specs:
-            self._agents[spec.name] = Agent(
-                llm.model,
+            self._agents[spec.name] = ChatAgent(
                 name=spec.name,
-                deps_type=RunDeps,
-                output_type=str,
                 instructions=spec.instructions,
-                model_settings=llm.model_settings,
-                toolsets=[tools.toolset(tools.names if spec.tools is None else spec.tools)],
+                toolset=tools.toolset(tools.names if spec.tools is None else spec.tools),
+                llm=llm,
             )
 
     @property
     def names(self) -> list[str]:
         return sorted(self._agents)
 
-    def get(self, name: str | None) -> tuple[str, Agent[RunDeps, str]]:
+    def get(self, name: str | None) -> tuple[str, ChatAgent]:
         chosen = name or DEFAULT_AGENT
         agent = self._agents.get(chosen)
         if agent is None:

@@ -1,33 +1,54 @@
-"""Runs one agent turn and maps pydantic-ai's event stream onto Parley's run events.
+"""Runs one agent turn: the model/tool loop, mapped onto Parley's run events.
 
-Model text becomes `agent_message_delta`; model reasoning parts and each step of the loop
-become `agent_thinking`; tool calls are reported by the tool dispatcher. The answer's content
-is exactly the concatenation of the deltas that were sent.
+Model text becomes `agent_message_delta` (through `RunDeps.text`, which coalesces it); the
+model's reasoning and each step of the loop become `agent_thinking`; tool calls are reported by
+the tool dispatcher (`tool_executing` / `tool_completed`). The answer's content is exactly the
+concatenation of the deltas that were sent.
+
+The loop is ours, not `pydantic_ai.Agent`'s: per streamed token the agent graph, its event
+stream wrappers and the SDK's chunk models cost about ten times what the rest of a run costs
+(bench/README.md). It keeps pydantic-ai for what it is good at here: typed tools whose
+arguments are validated from the function's type hints (`FunctionToolset`), run through
+`DispatchingToolset`. The behaviour follows pydantic-ai's: an unknown tool or invalid
+arguments are answered to the model as the tool's result so it can correct itself; an empty
+answer is asked for again once ("Please return text."), then is the model's error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-from pydantic_ai import Agent, AgentRunResultEvent
-from pydantic_ai.messages import (
-    FunctionToolResultEvent,
-    ModelMessage,
-    ModelRequest,
-    ModelResponse,
-    PartDeltaEvent,
-    PartEndEvent,
-    PartStartEvent,
-    TextPart,
-    TextPartDelta,
-    ThinkingPart,
-    UserPromptPart,
-)
+from pydantic import ValidationError
+from pydantic_ai.tools import RunContext
+from pydantic_ai.toolsets.abstract import ToolsetTool
+from pydantic_ai.usage import RunUsage
 
+from parley.errors import LLMError
+from parley.llm import LLMManager
+from parley.llm_stream import StepResult, ToolCallRequest, stream_step
 from parley.protocol import AgentThinking, Usage
 from parley.store.models import Message
-from parley.tools import RunDeps
+from parley.tools import DispatchingToolset, RunDeps
+
+# Model requests one run may make (pydantic-ai's default request limit is 50 too): a model that
+# keeps calling tools forever ends with an error instead of running to its deadline.
+MAX_MODEL_REQUESTS = 50
+ASK_FOR_TEXT = "Please return text."
+EMPTY_ANSWER_RETRIES = 1
+
+
+@dataclass(frozen=True)
+class ChatAgent:
+    """A named agent: its instructions and the tools it may call, on the configured model."""
+
+    name: str
+    instructions: str
+    toolset: DispatchingToolset
+    llm: LLMManager
 
 
 @dataclass(frozen=True)
@@ -36,63 +57,133 @@ class AgentOutcome:
     usage: Usage
 
 
-def history_to_messages(history: Sequence[Message]) -> list[ModelMessage]:
-    """Earlier turns of the thread as model messages (oldest first)."""
-    messages: list[ModelMessage] = []
-    for message in history:
-        if message.role == "user":
-            messages.append(ModelRequest(parts=[UserPromptPart(message.content)]))
-        elif message.role == "assistant":
-            messages.append(ModelResponse(parts=[TextPart(message.content)]))
-    return messages
+def history_to_messages(history: Sequence[Message]) -> list[dict[str, Any]]:
+    """Earlier turns of the thread as chat messages (oldest first)."""
+    return [
+        {"role": message.role, "content": message.content}
+        for message in history
+        if message.role in ("user", "assistant")
+    ]
 
 
 async def run_agent(
-    agent: Agent[RunDeps, str],
+    agent: ChatAgent,
     *,
-    model_label: str,
     prompt: str,
-    history: list[ModelMessage],
+    history: list[dict[str, Any]],
     deps: RunDeps,
 ) -> AgentOutcome:
-    await deps.emit(AgentThinking(text=f"Reading the message and planning a reply ({model_label})"))
+    llm = agent.llm
+    await deps.emit(
+        AgentThinking(text=f"Reading the message and planning a reply ({llm.display_name})")
+    )
+    ctx = RunContext[RunDeps](deps=deps, model=llm.model, usage=RunUsage(), prompt=prompt)
+    tools = await agent.toolset.get_tools(ctx)
+    tool_schemas = [_tool_schema(tool) for tool in tools.values()]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": agent.instructions},
+        *history,
+        {"role": "user", "content": prompt},
+    ]
     answer: list[str] = []
-    tools_since_last_step: list[str] = []
 
     def send_text(text: str) -> None:
-        if text:
-            answer.append(text)
-            deps.text(text)
+        answer.append(text)
+        deps.text(text)
 
-    async def announce_next_step() -> None:
-        if tools_since_last_step:
-            names = ", ".join(dict.fromkeys(tools_since_last_step))
-            tools_since_last_step.clear()
-            await deps.emit(AgentThinking(text=f"Reviewing the results of {names}"))
+    async def think(text: str) -> None:
+        if text.strip():
+            await deps.emit(AgentThinking(text=text.strip()))
 
-    output = ""
     input_tokens = output_tokens = 0
-    async with agent.run_stream_events(prompt, message_history=history, deps=deps) as events:
-        async for event in events:
-            if isinstance(event, PartStartEvent):
-                await announce_next_step()
-                if isinstance(event.part, TextPart):
-                    send_text(event.part.content)
-            elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
-                send_text(event.delta.content_delta)
-            elif isinstance(event, PartEndEvent) and isinstance(event.part, ThinkingPart):
-                if event.part.content.strip():
-                    await deps.emit(AgentThinking(text=event.part.content.strip()))
-            elif isinstance(event, FunctionToolResultEvent):
-                tools_since_last_step.append(event.part.tool_name)
-            elif isinstance(event, AgentRunResultEvent):
-                output = event.result.output
-                usage = event.result.usage
-                input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
-    if not answer and output:
-        # A provider that did not stream still gives the client its text as one delta.
-        send_text(output)
-    return AgentOutcome(
-        content="".join(answer),
-        usage=Usage(input_tokens=input_tokens or 0, output_tokens=output_tokens or 0),
+    empty_answers = 0
+    for _ in range(MAX_MODEL_REQUESTS):
+        async with llm.guard():
+            step: StepResult = await stream_step(
+                llm.client,
+                model=llm.model_name,
+                messages=messages,
+                tools=tool_schemas,
+                settings=dict(llm.model_settings or {}),
+                on_text=send_text,
+                on_reasoning=think,
+            )
+        input_tokens += step.input_tokens
+        output_tokens += step.output_tokens
+        usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        if step.tool_calls:
+            messages.append(_assistant_tool_calls(step))
+            results = await asyncio.gather(
+                *(_call_tool(agent.toolset, tools, ctx, call) for call in step.tool_calls)
+            )
+            for call, result in zip(step.tool_calls, results, strict=True):
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+            names = ", ".join(dict.fromkeys(c.name for c in step.tool_calls if c.name in tools))
+            if names:
+                await deps.emit(AgentThinking(text=f"Reviewing the results of {names}"))
+            continue
+        if step.text:
+            return AgentOutcome(content="".join(answer), usage=usage)
+        if empty_answers >= EMPTY_ANSWER_RETRIES:
+            raise LLMError(
+                "the language model gave no usable answer (Exceeded maximum retries "
+                f"({EMPTY_ANSWER_RETRIES}) for output; asked again: {ASK_FOR_TEXT})",
+                retryable=True,
+            )
+        empty_answers += 1
+        # As pydantic-ai asks: the empty answer is left out, the request is made again with a
+        # system note after the conversation.
+        messages.append({"role": "system", "content": ASK_FOR_TEXT})
+    raise LLMError(
+        f"the language model did not finish its answer within {MAX_MODEL_REQUESTS} requests",
+        retryable=True,
     )
+
+
+def _tool_schema(tool: ToolsetTool[RunDeps]) -> dict[str, Any]:
+    definition = tool.tool_def
+    function: dict[str, Any] = {
+        "name": definition.name,
+        "parameters": definition.parameters_json_schema,
+    }
+    if definition.description:
+        function["description"] = definition.description
+    return {"type": "function", "function": function}
+
+
+def _assistant_tool_calls(step: StepResult) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": step.text or None,
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments or "{}"},
+            }
+            for call in step.tool_calls
+        ],
+    }
+
+
+async def _call_tool(
+    toolset: DispatchingToolset,
+    tools: dict[str, ToolsetTool[RunDeps]],
+    ctx: RunContext[RunDeps],
+    call: ToolCallRequest,
+) -> str:
+    """The tool's result as the model reads it. A call the model got wrong (no such tool, bad
+    arguments) is answered with what was wrong, never executed."""
+    tool = tools.get(call.name)
+    if tool is None:
+        available = ", ".join(sorted(tools)) or "none"
+        return f"Unknown tool name: {call.name!r}. Available tools: {available}"
+    try:
+        args = tool.args_validator.validate_json(call.arguments or "{}")
+    except ValidationError as exc:
+        errors = json.dumps(exc.errors(include_url=False, include_context=False), default=str)
+        return f"Invalid arguments for tool {call.name!r}: {errors}. Fix the errors and try again."
+    result = await toolset.call_tool(
+        call.name, args, replace(ctx, tool_call_id=call.id, tool_name=call.name), tool
+    )
+    return result if isinstance(result, str) else json.dumps(result, default=str)

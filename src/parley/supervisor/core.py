@@ -194,7 +194,6 @@ class Supervisor:
         )
         return await run_agent(
             agent,
-            model_label=self._llm.display_name,
             prompt=run.content,
             history=history_to_messages(history[-self._limits.history_messages :]),
             deps=deps,
