@@ -9,6 +9,7 @@ re-fetched when a token names a key id it does not know (at most every `_REFRESH
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ _LEEWAY_S = 5
 _JWKS_TTL_S = 300.0
 _REFRESH_MIN_S = 30.0
 MAX_USER_ID_CHARS = 255
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,13 @@ class Authenticator:
             raise Unauthorized(f"invalid token: {exc}") from None
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > MAX_USER_ID_CHARS:
-            raise Unauthorized("token 'sub' must be a non-empty string")
+            raise Unauthorized(
+                f"token 'sub' must be a non-empty string of at most {MAX_USER_ID_CHARS} characters"
+            )
+        if _UNSTORABLE.search(subject) is not None:
+            # The user id is stored and sent in every frame: PostgreSQL cannot store NUL, and
+            # a lone surrogate cannot be encoded as UTF-8 at all.
+            raise Unauthorized("token 'sub' must not contain NUL or a lone surrogate")
         return Identity(user_id=subject, claims=claims)
 
 

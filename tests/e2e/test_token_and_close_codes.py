@@ -19,6 +19,7 @@ import httpx
 import jwt
 import pytest
 import websockets
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SpawnServer
@@ -289,3 +290,26 @@ async def test_a_client_that_stops_reading_while_two_answers_stream_is_closed_44
                 break
             await asyncio.sleep(0.1)
     assert ends == ["agent_completed", "agent_completed"]
+
+
+@pytest.mark.parametrize("sub", ["nul\u0000inside", "lone\ud800surrogate", "x" * 256])
+async def test_a_token_whose_sub_cannot_be_stored_is_refused_at_the_handshake(
+    server: ServerProcess, sub: str
+) -> None:
+    token = token_until(sub, int(time.time()) + 600)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+        frames, close = await _all_until_closed(ws)
+    assert [(f["type"], f["code"]) for f in frames] == [("error", "unauthorized")], frames
+    assert frames[0]["message"].startswith("token 'sub' must "), frames
+    assert close is not None
+    assert close.code == 4401
+
+
+async def _all_until_closed(ws: ClientConnection) -> tuple[list[dict[str, Any]], Any]:
+    frames = []
+    try:
+        while True:
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+    except ConnectionClosed as closed:
+        return frames, closed.rcvd
