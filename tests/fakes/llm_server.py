@@ -160,13 +160,18 @@ class FakeLLM:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        # A restart after stop() keeps the port: a provider that went away and came back.
-        self.port = self.port or _free_port()
+        # The socket is bound here and handed to uvicorn, so no other process can take the port
+        # between choosing and binding it. A restart after stop() binds the same port again: a
+        # provider that went away and came back.
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        self.port = int(listener.getsockname()[1])
         config = uvicorn.Config(
             _build_app(self), host=self.host, port=self.port, log_level="warning", lifespan="off"
         )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        server = self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=lambda: server.run(sockets=[listener]), daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:
@@ -179,12 +184,6 @@ class FakeLLM:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
