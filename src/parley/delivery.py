@@ -174,13 +174,36 @@ class ConnectionDelivery:
             if state.mode == "held":
                 self._go_live(state)
 
-    def resume(self, thread_id: str, after_seq: int) -> None:
-        """Queue a replay of the thread after `after_seq`, then resume_complete; live events of
-        the thread wait (in the store) until the replay has caught up."""
+    def begin_resume(self, thread_id: str) -> None:
+        """A client's `resume` of the thread arrived (its ownership is being checked): from now
+        on live events of the thread wait in the store for the replay, so none overtakes it.
+        Follow with `resume` once the thread is found, or `abandon_resume`."""
         state = self._threads.setdefault(thread_id, ThreadState(mode="replaying"))
         state.held.clear()
         self._start_replay(thread_id, state)
+
+    def resume(self, thread_id: str, after_seq: int) -> None:
+        """Queue the replay begun by `begin_resume`: the thread's events after `after_seq`,
+        then resume_complete, then live events again."""
         self._replays.put_nowait(_Replay(thread_id, after_seq, announce=True))
+
+    def abandon_resume(self, thread_id: str) -> None:
+        """The resume was refused (not the user's thread, or the check failed)."""
+        state = self._threads.get(thread_id)
+        if state is None:
+            return
+        state.replays -= 1
+        if state.replays > 0:
+            return  # another replay of the thread is under way and will go live itself
+        if state.last is None:
+            # Nothing of it was ever sent here (a foreign or unknown thread never delivers):
+            # forget it; a thread of the user's is followed again from its next event.
+            del self._threads[thread_id]
+            return
+        state.mode = "live"
+        if state.noted > state.last:
+            self._fill_gap(thread_id, state, state.noted)
+        state.noted = 0
 
     def catch_up(self) -> None:
         """The bus was cut off and is back: check every followed thread against the store."""

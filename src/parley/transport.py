@@ -397,11 +397,18 @@ class Transport:
     async def _resume(self, connection: _Connection, message: Resume) -> None:
         """Check the thread is the user's, then queue its replay (the receive loop goes on:
         the connection's replay worker pulls the events as the client takes them)."""
-        async with self._db.read() as session:
-            thread = await queries.get_thread(
-                session, user_id=connection.user_id, thread_id=message.thread_id
-            )
+        # Before any await: live events arriving during the check must not overtake the replay.
+        connection.delivery.begin_resume(message.thread_id)
+        try:
+            async with self._db.read() as session:
+                thread = await queries.get_thread(
+                    session, user_id=connection.user_id, thread_id=message.thread_id
+                )
+        except BaseException:
+            connection.delivery.abandon_resume(message.thread_id)
+            raise
         if thread is None:
+            connection.delivery.abandon_resume(message.thread_id)
             raise NotFound(f"thread {message.thread_id} not found")
         connection.delivery.resume(message.thread_id, message.after_seq)
 
