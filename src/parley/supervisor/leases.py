@@ -31,6 +31,11 @@ The rules that keep this safe:
   fail: the database may be away for everyone, and then nobody can take them.
 - A clean shutdown declares its own instance dead after the drain: peers forget it at once.
 
+Known gap: the event log does not yet refuse the progress events of a run that a peer has
+ended, so an instance paused past its lease can store a few deltas after the peer's terminal
+event in the moment between waking up and its next renewal. The fix belongs in the event log:
+lock the batch's threads, then drop events of runs no longer `running`.
+
 SQLite has no lease: it is served by one process, which ends every run left `running` at startup.
 """
 
