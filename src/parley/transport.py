@@ -119,6 +119,8 @@ class Transport:
         self._none_open = asyncio.Event()
         self._none_open.set()
         self._accepting = True
+        # A stalled client gets one more heartbeat interval to take its close frame.
+        self._close_within_s = config.heartbeat_interval_s
         bus.on_reconnect(self._catch_up)
         bus.on_outage(self._bus_outage)
 
@@ -164,7 +166,9 @@ class Transport:
             return
         user_id = identity.user_id
         if not self._accepting:
-            await _close(ws, CLOSE_GOING_AWAY, "server shutting down")
+            await _close(
+                ws, CLOSE_GOING_AWAY, "server shutting down", within_s=self._close_within_s
+            )
             return
         if self._per_user[user_id] >= self._config.max_connections_per_user:
             await ws.close(CLOSE_TOO_MANY, "too many connections for this user")
@@ -237,14 +241,24 @@ class Transport:
             if delivery.overflowed.is_set():
                 self._metrics.send_queue_overflows.inc()
                 log.warning("transport.send_queue_overflow", connection_id=connection.id)
-                await _close(connection.ws, CLOSE_TRY_AGAIN_LATER, "client too slow; resume")
+                await _close(
+                    connection.ws,
+                    CLOSE_TRY_AGAIN_LATER,
+                    "client too slow; resume",
+                    within_s=self._close_within_s,
+                )
             elif connection.closing is not None:
                 # A close (heartbeat, expiry) that waited behind frames a stalled client never
                 # read: send it now, so the client learns the documented code when it reads on.
-                await _close(connection.ws, connection.closing.code, connection.closing.reason)
+                closing = connection.closing
+                await _close(
+                    connection.ws, closing.code, closing.reason, within_s=self._close_within_s
+                )
             elif failed:
                 # Without this the client would see the socket drop (1006) and not know why.
-                await _close(connection.ws, CLOSE_INTERNAL, "internal error")
+                await _close(
+                    connection.ws, CLOSE_INTERNAL, "internal error", within_s=self._close_within_s
+                )
         finally:
             await subscription.close()
 
@@ -254,7 +268,7 @@ class Transport:
         while True:
             item = await connection.delivery.outbox.get()
             if isinstance(item, Close):
-                await _close(connection.ws, item.code, item.reason)
+                await _close(connection.ws, item.code, item.reason, within_s=self._close_within_s)
                 return
             try:
                 await connection.ws.send_text(item)
@@ -456,7 +470,11 @@ def _iso(epoch_seconds: float) -> str:
     return utc_iso(datetime.fromtimestamp(min(epoch_seconds, _LATEST), UTC))
 
 
-async def _close(ws: WebSocket, code: int, reason: str) -> None:
+async def _close(ws: WebSocket, code: int, reason: str, *, within_s: float) -> None:
+    """Close with `code`, giving up after `within_s`: the close frame waits behind everything
+    the client has not read, and a client that never reads must not hold its connection (and
+    its place among the user's connections) forever."""
     if ws.application_state == WebSocketState.CONNECTED:
-        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
-            await ws.close(code, reason)
+        with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+            async with asyncio.timeout(within_s):
+                await ws.close(code, reason)

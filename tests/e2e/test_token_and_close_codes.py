@@ -306,10 +306,43 @@ async def test_a_token_whose_sub_cannot_be_stored_is_refused_at_the_handshake(
     assert close.code == 4401
 
 
-async def _all_until_closed(ws: ClientConnection) -> tuple[list[dict[str, Any]], Any]:
+async def _all_until_closed(
+    ws: ClientConnection, timeout: float = 10
+) -> tuple[list[dict[str, Any]], Any]:
+    """The frames until the server closes (or nothing comes for `timeout`), and its close."""
     frames = []
     try:
         while True:
-            frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
     except ConnectionClosed as closed:
         return frames, closed.rcvd
+    except TimeoutError:
+        return frames, None
+
+
+async def test_a_client_that_never_reads_again_does_not_keep_its_place(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    # One connection per user: while the stalled one is held, the user cannot connect again.
+    server = spawn(
+        WEBSOCKET_HEARTBEAT_INTERVAL="1", MAX_CONNECTIONS_PER_USER="1", SEND_QUEUE_SIZE="100000"
+    )
+    size = 2 * _kernel_send_buffer_max() + 1_000_000  # more than every buffer on the way holds
+    trigger = fake_llm.script(f"N{uuid.uuid4().hex[:8]}", Text("z" * size, chunk=50_000))
+    user = unique_user("gone")
+    stalled = await asyncio.to_thread(StalledClient, server.port, make_token(user))
+    stalled.send({"type": "user_message", "content": f"a long answer {trigger}"})
+    # 4408 after two silent seconds; its close frame waits behind megabytes never read, and
+    # is given up on after one more interval. The bound only says "not never".
+    headers = {"Authorization": f"Bearer {make_token(user)}"}
+    deadline = time.monotonic() + 30
+    while True:
+        async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+            frames, close = await _all_until_closed(ws, timeout=1.5)
+        if frames and frames[0]["type"] == "system_message":
+            break
+        assert close is not None
+        assert close.code == 4429, close
+        assert time.monotonic() < deadline, "the stalled connection kept its place"
+        await asyncio.sleep(0.5)
+    stalled.sock.close()
