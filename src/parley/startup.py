@@ -256,8 +256,9 @@ async def _llm_phase(ctx: _Context) -> LLMManager:
     if probed:
         await _probe_provider(ctx, manager)
     else:
+        # Said by the phase table and `startup.complete` (llm_detail), not by a warning here: a
+        # later phase's failure line must stay the first thing startup prints.
         ctx.notes["llm"] = "startup probe off (LLM_STARTUP_PROBE)"
-        log.warning("startup.llm_probe_off", model=manager.display_name)
     if settings.llm_probe_interval_s > 0:
         monitor = ProbeMonitor(
             lambda: manager.prober.probe(thorough=False),
