@@ -31,6 +31,7 @@ def report_streamed_usage(llama: llama_cpp.Llama) -> None:
         or llama_chat_format.get_chat_completion_handler(llama.chat_format or "")
     )
     create_completion = llama.create_completion
+    # Shared by requests, which the server runs one at a time (its lock; no interruptions).
     prompt_tokens = [0]
 
     def counting_create_completion(prompt: str | list[int], **kwargs: Any) -> Any:
