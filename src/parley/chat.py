@@ -13,11 +13,9 @@ import asyncio
 import contextlib
 import json
 import signal
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -29,45 +27,10 @@ from rich.text import Text
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from parley.token_source import RenewFailed, TokenSource, renew_in
+
 TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
 PROMPT = "you> "
-# Renew a token when half its remaining life is gone, and at the latest a minute before it
-# expires, so that a slow token source still has time.
-RENEW_AT_LATEST_S = 60.0
-
-# A fresh token (e.g. minted again, or printed by --token-command); raises RenewFailed.
-TokenSource = Callable[[], Awaitable[str]]
-
-
-class RenewFailed(Exception):
-    """No new token could be obtained; the message says why."""
-
-
-async def command_token(command: str, timeout_s: float = 30.0) -> str:
-    """The token that `command` (a shell command line, e.g. an auth service's CLI) prints."""
-    # subprocess in a thread, not asyncio's subprocesses: under uvloop, spawning while the
-    # prompt's thread waits in input() can hang the event loop.
-    try:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            command,
-            shell=True,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            timeout=timeout_s,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise RenewFailed(f"{command!r} did not finish within {timeout_s:g} s") from None
-    except OSError as exc:
-        raise RenewFailed(f"{command!r} could not run: {exc}") from None
-    if done.returncode != 0:
-        said = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["nothing"]
-        raise RenewFailed(f"{command!r} exited with {done.returncode}: {said[0]}")
-    token = done.stdout.decode(errors="replace").strip()
-    if not token or len(token.split()) != 1:
-        raise RenewFailed(f"{command!r} did not print one token")
-    return token
 
 
 class ChatClient:
@@ -193,9 +156,7 @@ class ChatClient:
         left = datetime.fromisoformat(expires_at.replace("Z", "+00:00")).timestamp() - time.time()
         if self._renewal is not None:
             self._renewal.cancel()
-        self._renewal = asyncio.create_task(
-            self._renew_after(max(left / 2, left - RENEW_AT_LATEST_S))
-        )
+        self._renewal = asyncio.create_task(self._renew_after(renew_in(left)))
 
     async def _renew_after(self, delay: float) -> None:
         await asyncio.sleep(max(0.0, delay))

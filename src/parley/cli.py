@@ -252,7 +252,8 @@ def chat(
     ] = None,
 ) -> None:
     """Chat in the terminal: the agent's thinking, tool calls and answer, live."""
-    from parley.chat import ChatClient, TokenSource, command_token
+    from parley.chat import ChatClient
+    from parley.token_source import TokenSource, from_command, minted
 
     settings = _settings()
     renew: TokenSource | None = None
@@ -260,20 +261,12 @@ def chat(
         if token is not None:
             err.print("give --token or --token-command, not both")
             raise typer.Exit(2)
-        command = token_command
-
-        async def renew() -> str:
-            return await command_token(command)
-
+        renew = from_command(token_command)
     elif token is None:
         if settings.environment.is_deployed or settings.jwt_secret is not None:
             err.print("--token or --token-command is required (a JWT from your auth service)")
             raise typer.Exit(2)
-        secret = development_secret(settings.data_dir)
-
-        async def renew() -> str:
-            return mint_token(secret=secret, user_id="dev", ttl_s=86400)
-
+        renew = minted(development_secret(settings.data_dir), user_id="dev")
     client = ChatClient(
         url=url or f"ws://{settings.host}:{settings.port}/ws",
         token=token,
