@@ -583,10 +583,9 @@ class PrivateRedis:
                 self.proc.wait()
         self.proc = None
 
-    def _command(self, *words: str) -> bytes:
-        request = b"*%d\r\n" % len(words) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words
-        )
+    def _command(self, *words: str | bytes) -> bytes:
+        raw = [w.encode() if isinstance(w, str) else w for w in words]
+        request = b"*%d\r\n" % len(raw) + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in raw)
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(2)
             s.connect(str(self.socket))
@@ -598,6 +597,9 @@ class PrivateRedis:
             return self._command("PING").startswith(b"+PONG")
         except OSError:
             return False
+
+    def publish(self, channel: str, message: str | bytes) -> None:
+        assert self._command("PUBLISH", channel, message).startswith(b":")
 
     def subscribers(self, channel: str) -> int:
         reply = self._command("PUBSUB", "NUMSUB", channel).split(b"\r\n")
@@ -741,3 +743,53 @@ async def test_redis_killed_and_restarted_mid_run_the_other_instance_still_deliv
     assert "".join(e["text"] for e in seen_on_b if e["type"] == "agent_message_delta") == "".join(
         words
     )
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Redis stalled, or carrying a malformed message (issue 11, item 6)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_stalled_redis_never_holds_up_a_run_or_its_own_instances_clients(
+    spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
+) -> None:
+    async with two_instances(spawn, postgres_url, private_redis.url) as (a, b):
+        user = unique_user()
+        words = [f"s{i:02d} " for i in range(20)]
+        t = fake_llm.script(trigger(), Text("".join(words), chunk=4, delay_s=0.02))
+        async with a.connect(user) as on_a, b.connect(user) as on_b:
+            await wait_subscribed(private_redis, user, instances=2, timeout=10)
+            assert private_redis.proc is not None
+            # Redis takes nothing and answers nothing; well within its clients' 10 s timeout.
+            private_redis.proc.send_signal(signal.SIGSTOP)
+            try:
+                accepted = await on_a.ask(f"while redis sleeps {t}")
+                seen_on_a = await on_a.run_events(accepted["run_id"], timeout=8)
+            finally:
+                private_redis.proc.send_signal(signal.SIGCONT)
+            # Back, Redis carries what A published meanwhile to B.
+            seen_on_b = await on_b.run_events(accepted["run_id"], timeout=20)
+    assert seen_on_a[-1]["type"] == "agent_completed"
+    assert seen_on_a[-1]["content"] == "".join(words)
+    assert seen_on_b == seen_on_a
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_malformed_message_on_a_users_channel_does_not_stop_delivery(
+    spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
+) -> None:
+    async with two_instances(spawn, postgres_url, private_redis.url) as (a, b):
+        user = unique_user()
+        t = fake_llm.script(trigger(), Text("still delivered", chunk=4, delay_s=0.02))
+        async with a.connect(user) as on_a, b.connect(user) as on_b:
+            await wait_subscribed(private_redis, user, instances=2, timeout=10)
+            # Something other than Parley (or an older Parley) writes on the user's channel.
+            for garbage in ("not a parley event", "origin\nthread\nnot-a-seq\n{}", b"\xff\xfe"):
+                private_redis.publish(f"parley:events:{user}", garbage)
+            accepted = await on_a.ask(f"after the garbage {t}")
+            seen_on_a = await on_a.run_events(accepted["run_id"])
+            seen_on_b = await on_b.run_events(accepted["run_id"], timeout=15)
+    assert seen_on_a[-1]["type"] == "agent_completed"
+    assert seen_on_b == seen_on_a
