@@ -793,3 +793,38 @@ async def test_a_malformed_message_on_a_users_channel_does_not_stop_delivery(
             seen_on_b = await on_b.run_events(accepted["run_id"], timeout=15)
     assert seen_on_a[-1]["type"] == "agent_completed"
     assert seen_on_b == seen_on_a
+
+
+# --------------------------------------------------------------------------------------------
+# 11. two instances writing into the same two threads (issue 11, item 6: lock order)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_two_instances_streaming_into_the_same_two_threads_never_deadlock(
+    spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
+) -> None:
+    async with two_instances(spawn, postgres_url, redis_url, MAX_RUNS_PER_USER="8") as (a, b):
+        user = unique_user()
+        # Fast answers with many small deltas: every batch of each writer holds both threads.
+        t = fake_llm.script(trigger(), Text("d" * 1500, chunk=1))
+        async with a.connect(user) as on_a, b.connect(user) as on_b:
+            threads = []
+            for n in range(2):
+                seeded = await on_a.ask(f"thread {n}")
+                await on_a.run_events(seeded["run_id"])
+                threads.append(seeded["thread_id"])
+            # A writes thread 0 then 1, B thread 1 then 0: opposite orders if locked as queued.
+            pairs = [(on_a, threads[0]), (on_b, threads[1]), (on_a, threads[1]), (on_b, threads[0])]
+            accepted = [
+                await client.ask(f"stream {n} {t}", thread_id=thread)
+                for n, (client, thread) in enumerate(pairs)
+            ]
+            ended = [
+                (await client.run_events(answer["run_id"], timeout=60))[-1]
+                for (client, _), answer in zip(pairs, accepted, strict=True)
+            ]
+    assert [e["type"] for e in ended] == ["agent_completed"] * 4, ended
+    for thread in threads:
+        stored = await stored_events(a, user, thread)
+        assert [e["seq"] for e in stored] == list(range(1, len(stored) + 1))
