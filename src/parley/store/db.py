@@ -39,7 +39,10 @@ class Database:
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:
-            self._reader = create_async_engine(url, pool_size=8, max_overflow=8)
+            # Enough pooled readers for a busy process: an overflow connection is opened (a new
+            # aiosqlite thread) and closed for every read beyond the pool, which costs more than
+            # the read itself.
+            self._reader = create_async_engine(url, pool_size=32, max_overflow=32)
             self._writer = create_async_engine(url, pool_size=2, max_overflow=2)
             _configure_sqlite(self._reader, immediate=False)
             _configure_sqlite(self._writer, immediate=True)

@@ -449,11 +449,8 @@ async def _insert_events(
     counts: dict[str, int] = {}
     for event in events:
         counts[event.thread_id] = counts.get(event.thread_id, 0) + 1
-    next_seq: dict[str, int] = {}
-    # Sorted: two writers (two PostgreSQL instances) lock threads in the same order.
-    for thread_id in sorted(counts):
-        last = await queries.reserve_seqs(session, thread_id=thread_id, count=counts[thread_id])
-        next_seq[thread_id] = last - counts[thread_id] + 1
+    last = await queries.reserve_seqs(session, counts)
+    next_seq = {thread_id: last[thread_id] - count + 1 for thread_id, count in counts.items()}
     stored: list[tuple[RunEvent, str]] = []
     rows = []
     now = utcnow()

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import Interval, bindparam, delete, exists, func, select, update
+from sqlalchemy import Interval, bindparam, case, delete, exists, func, select, update
 from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -294,15 +294,23 @@ async def events_after(
     return (await session.scalars(statement)).all()
 
 
-async def reserve_seqs(session: AsyncSession, *, thread_id: str, count: int) -> int:
-    """Take `count` consecutive seqs of a thread; returns the last. Row-locks the thread (callers
-    reserving for several threads must do so in a fixed order, e.g. sorted ids, so that two
-    writers cannot deadlock) and marks the thread as updated now."""
+async def reserve_seqs(session: AsyncSession, counts: dict[str, int]) -> dict[str, int]:
+    """Take `counts[thread_id]` consecutive seqs of each thread, in one statement; returns each
+    thread's last seq taken. Row-locks the threads and marks them as updated now.
+
+    One UPDATE for the whole batch rather than one per thread: a statement is a round trip (a
+    thread hop with aiosqlite), and a batch carries events of many threads. Two PostgreSQL
+    writers cannot deadlock on it: `id IN (...)` on the primary key is an index scan that visits
+    (and locks) the rows in key order whatever order the list is in; and a deadlock that did
+    happen is a transient error the event log retries."""
     statement = (
         update(Thread)
-        .where(Thread.id == thread_id)
-        .values(last_seq=Thread.last_seq + count, updated_at=utcnow())
-        .returning(Thread.last_seq)
+        .where(Thread.id.in_(sorted(counts)))
+        .values(last_seq=Thread.last_seq + case(counts, value=Thread.id), updated_at=utcnow())
+        .returning(Thread.id, Thread.last_seq)
+        .execution_options(synchronize_session=False)
     )
-    last = (await session.execute(statement)).scalar_one()
-    return int(last)
+    taken = {row.id: int(row.last_seq) for row in await session.execute(statement)}
+    if len(taken) != len(counts):
+        raise LookupError(f"threads not found: {sorted(set(counts) - set(taken))}")
+    return taken
