@@ -113,6 +113,9 @@ async def _serve(settings: Settings) -> int:
         # 1011 "keepalive ping timeout", a code the protocol reserves for internal errors.
         ws_ping_interval=None,
         ws_ping_timeout=None,
+        # No permessage-deflate: frames are small JSON, and compressing each streamed delta for
+        # every connection costs CPU on the hot path for a few bytes saved (bench/README.md).
+        ws_per_message_deflate=False,
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=5,
