@@ -1,0 +1,182 @@
+"""The peer: the same workloads as `bench_streams`, against the LangGraph dev server.
+
+    .venv/bin/python -m bench.bench_peer --langgraph /path/to/venv/bin/langgraph \\
+        [--levels 100,200] [--serial 200] [--clients 50] [--runs 1000]
+
+The peer runs in a virtual environment of its own (see bench/README.md for the locked
+versions): `langgraph dev` (in-memory runtime) serving `bench/peer/graph.py`, a one-node graph
+that calls the same scripted model (`bench.model_server`) through ChatOpenAI, streamed to the
+client with `stream_mode=messages-tuple`. A run is: POST /threads/{id}/runs/stream, read the
+server-sent events to the end; the answer is checked like Parley's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from tests.harness import free_port
+
+from bench.bench_streams import MODEL_PID, percentile, start_model_server
+from bench.model_server import expected_text, stream_marker
+from bench.procstat import Window
+
+PEER_DIR = Path(__file__).parent / "peer"
+
+
+async def one_run(
+    http: httpx.AsyncClient, thread_id: str, content: str
+) -> tuple[float, float, str]:
+    """(run time, largest gap between two streamed pieces, the streamed text)."""
+    body = {
+        "assistant_id": "agent",
+        "input": {"messages": [{"role": "user", "content": content}]},
+        "stream_mode": "messages-tuple",
+    }
+    sent = time.perf_counter()
+    marks = [sent]
+    text: list[str] = []
+    event = ""
+    async with http.stream("POST", f"/threads/{thread_id}/runs/stream", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "messages":
+                chunk, _meta = json.loads(line[5:])
+                if chunk.get("type") in ("AIMessageChunk", "ai") and chunk.get("content"):
+                    text.append(chunk["content"])
+                    marks.append(time.perf_counter())
+    ended = time.perf_counter()
+    gap = max((b - a for a, b in zip(marks, marks[1:], strict=False)), default=0.0)
+    return ended - sent, gap, "".join(text)
+
+
+async def new_thread(http: httpx.AsyncClient) -> str:
+    return str((await http.post("/threads", json={})).json()["thread_id"])
+
+
+async def streams(url: str, pid: int, level: int, tokens: int, delay_ms: int) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=level + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        threads = [await new_thread(http) for _ in range(level)]
+        window = Window({"server": pid, "model": MODEL_PID[0]}, rss_of=pid)
+        window.start()
+        content = f"stream please {stream_marker(tokens, delay_ms)}"
+        results = await asyncio.gather(*(one_run(http, t, content) for t in threads))
+        usage = await window.stop()
+    for _, _, text in results:
+        if text != expected_text(tokens):
+            raise RuntimeError(f"answer mismatch: {text[:80]!r}")
+    times = [r[0] for r in results]
+    gaps = [r[1] for r in results]
+    return {
+        "level": level,
+        "p50_s": percentile(times, 50),
+        "p95_s": percentile(times, 95),
+        "gap95_ms": percentile(gaps, 95) * 1000,
+        "cpu_per_token_us": usage.cpu_s["server"] / (level * tokens) * 1e6,
+        "server_cpu_s": usage.cpu_s["server"],
+        "wall_s": usage.wall_s,
+    }
+
+
+async def plain(url: str, pid: int, clients: int, runs: int) -> dict[str, Any]:
+    times: list[float] = []
+    per_client = max(1, runs // clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        thread_id = await new_thread(http)
+        for i in range(per_client):
+            took, _, text = await one_run(http, thread_id, f"hello {i}")
+            if text != expected_text(4):
+                raise RuntimeError(f"answer mismatch: {text!r}")
+            times.append(took)
+
+    limits = httpx.Limits(max_connections=clients + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        window = Window({"server": pid, "model": MODEL_PID[0]}, rss_of=pid)
+        window.start()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        usage = await window.stop()
+    return {
+        "clients": clients,
+        "runs": len(times),
+        "p50_ms": percentile(times, 50) * 1000,
+        "runs_per_s": len(times) / usage.wall_s,
+        "cpu_per_run_ms": usage.cpu_s["server"] / len(times) * 1000,
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--langgraph", required=True, help="the peer venv's `langgraph` command")
+    parser.add_argument("--levels", default="100,200")
+    parser.add_argument("--tokens", type=int, default=40)
+    parser.add_argument("--delay-ms", type=int, default=25)
+    parser.add_argument("--serial", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=1000)
+    args = parser.parse_args()
+
+    model, model_url = start_model_server()
+    port = free_port()
+    peer = subprocess.Popen(
+        [args.langgraph, "dev", "--no-browser", "--no-reload", "--port", str(port)],
+        cwd=PEER_DIR,
+        env={**os.environ, "BENCH_MODEL_URL": model_url, "LANGGRAPH_NO_ANALYTICS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/ok", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+        await plain(url, peer.pid, 1, 10)  # warm-up
+        lines = []
+        if args.serial:
+            r = await plain(url, peer.pid, 1, args.serial)
+            lines.append(
+                f"peer plain  clients=1 runs={r['runs']} p50={r['p50_ms']:.1f} ms "
+                f"runs/s={r['runs_per_s']:.1f} cpu/run={r['cpu_per_run_ms']:.2f} ms"
+            )
+        if args.runs:
+            r = await plain(url, peer.pid, args.clients, args.runs)
+            lines.append(
+                f"peer plain  clients={r['clients']} runs={r['runs']} p50={r['p50_ms']:.1f} ms "
+                f"runs/s={r['runs_per_s']:.1f} cpu/run={r['cpu_per_run_ms']:.2f} ms"
+            )
+        for level in (int(x) for x in args.levels.split(",") if x):
+            r = await streams(url, peer.pid, level, args.tokens, args.delay_ms)
+            lines.append(
+                f"peer streams C={level} p50={r['p50_s']:.2f} s p95={r['p95_s']:.2f} s "
+                f"gap95={r['gap95_ms']:.1f} ms cpu/token={r['cpu_per_token_us']:.0f} us "
+                f"(server {r['server_cpu_s']:.1f} s cpu / {r['wall_s']:.1f} s wall)"
+            )
+        print("\n".join(lines))
+    finally:
+        peer.terminate()
+        peer.wait()
+        model.terminate()
+        model.wait()
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
