@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from tests.harness import free_port
 
-from bench.bench_streams import MODEL_PID, percentile, start_model_server
+from bench.bench_streams import MODEL_PID, largest_gap, percentile, start_model_server
 from bench.model_server import expected_text, stream_marker
 from bench.procstat import Window
 
@@ -60,8 +60,7 @@ async def one_run(
                     text.append(chunk["content"])
                     marks.append(time.perf_counter())
     ended = time.perf_counter()
-    gap = max((b - a for a, b in zip(marks, marks[1:], strict=False)), default=0.0)
-    return ended - sent, gap, "".join(text)
+    return ended - sent, largest_gap(marks), "".join(text)
 
 
 async def new_thread(http: httpx.AsyncClient) -> str:

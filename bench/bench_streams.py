@@ -60,8 +60,12 @@ class RunTrace:
 
     @property
     def largest_gap(self) -> float:
-        marks = [self.sent, *self.deltas]
-        return max((b - a for a, b in itertools.pairwise(marks)), default=0.0)
+        return largest_gap([self.sent, *self.deltas])
+
+
+def largest_gap(marks: list[float]) -> float:
+    """The longest wait between consecutive moments (message sent, each piece received)."""
+    return max((b - a for a, b in itertools.pairwise(marks)), default=0.0)
 
 
 async def _read_run(ws: Any, trace: RunTrace) -> None:
