@@ -237,3 +237,37 @@ async def test_a_database_outage_longer_than_the_lease_takes_no_instance_over(
         assert "instance.heartbeat_failed" in log  # the outage did reach the leases
         assert "instance.declared_dead" not in log
         assert "instance.lease_lost" not in log
+
+
+async def test_an_instance_paused_past_its_lease_stores_nothing_after_the_takeovers_terminal(
+    spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
+) -> None:
+    """A paused instance wakes up holding deltas of a run its peer has ended meanwhile: the
+    event log's fence drops them, so the thread's last event of that run stays its terminal."""
+    shared = {
+        "DATABASE_URL": postgres_url,
+        "REDIS_URL": redis_url,
+        "RUN_TIMEOUT_S": "60",
+        "INSTANCE_HEARTBEAT_S": "0.5",
+        "INSTANCE_LEASE_S": "2",
+    }
+    a = spawn(**shared)
+    b = spawn(**shared)
+    slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("tick " * 2000, chunk=5, delay_s=0.02))
+    user = unique_user("paused")
+    async with contextlib.AsyncExitStack() as stack:
+        on_a = await _bare_client(a, user, stack)
+        on_b = await _bare_client(b, user, stack)
+        accepted = await on_a.ask(f"stream {slow}")
+        await on_b.recv_type("agent_message_delta", timeout=20)
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)
+        await on_b.run_events(accepted["run_id"], timeout=15)
+        a.proc.send_signal(signal.SIGCONT)
+        await asyncio.sleep(3)  # A wakes, streams on until its renewal finds it was declared dead
+    async with b.connect(user) as c:
+        replay = [e for e in await c.replay(accepted["thread_id"]) if "seq" in e]
+    assert [e["seq"] for e in replay] == list(range(1, len(replay) + 1))
+    kinds = [e["type"] for e in replay if e["run_id"] == accepted["run_id"]]
+    tail = kinds[kinds.index("agent_error") :]
+    assert tail == ["agent_error"], tail[:5]

@@ -311,6 +311,8 @@ class EventLog:
                 else:
                     results.append(None)
                     to_store.append((work, item))
+            if not self._db.is_sqlite:  # SQLite has one instance: no peer ends its runs
+                to_store = await _fence(session, batch, results, to_store)
             stored = await _insert_events(session, [event for _, event in to_store])
         by_work = {id(work): event for (work, _), (event, _f) in zip(to_store, stored, strict=True)}
         for index, work in enumerate(batch):
@@ -321,6 +323,35 @@ class EventLog:
             for (work, _), (event, frame) in zip(to_store, stored, strict=True)
         ]
         return results, deliveries
+
+
+async def _fence(
+    session: AsyncSession,
+    batch: list[_Work],
+    results: list[Any],
+    to_store: list[tuple[_Work, RunEvent]],
+) -> list[tuple[_Work, RunEvent]]:
+    """Drop the progress events of runs that have ended: an instance paused past its lease
+    may still hold events of runs that a peer has ended since (see supervisor/leases.py), and
+    they must not follow the terminal event. The threads are locked first: a peer's terminal
+    event either committed before our check (we see the run ended) or waits for our commit
+    (and gets a later seq)."""
+    progress = {
+        e.run_id for _, e in to_store if not isinstance(e, TerminalEvent | AgentStarted)
+    }
+    if not progress:
+        return to_store
+    await queries.lock_threads(session, thread_ids=list({e.thread_id for _, e in to_store}))
+    # Runs that ended in this very transaction (their own Finish won) keep their events.
+    ended_here = {e.run_id for _, e in to_store if isinstance(e, TerminalEvent)}
+    live = await queries.running_among(session, run_ids=progress) | ended_here
+    kept = []
+    for work, event in to_store:
+        if isinstance(event, TerminalEvent | AgentStarted) or event.run_id in live:
+            kept.append((work, event))
+        else:
+            results[batch.index(work)] = NotFound(f"run {event.run_id} has already ended")
+    return kept
 
 
 def _fail(works: list[_Work], error: Exception) -> None:

@@ -282,6 +282,19 @@ async def forget_instance(session: AsyncSession, *, instance_id: str) -> bool:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+async def lock_threads(session: AsyncSession, *, thread_ids: Sequence[str]) -> None:
+    """Row-lock the threads (in id order, so that two writers cannot deadlock) until the end of
+    the transaction: whoever stores events of these threads waits for us, or we for them."""
+    statement = select(Thread.id).where(Thread.id.in_(sorted(thread_ids)))
+    await session.execute(statement.order_by(Thread.id).with_for_update())
+
+
+async def running_among(session: AsyncSession, *, run_ids: set[str]) -> set[str]:
+    """Which of `run_ids` are still running."""
+    statement = select(Run.id).where(Run.id.in_(run_ids), Run.status == "running")
+    return set((await session.scalars(statement)).all())
+
+
 async def events_after(
     session: AsyncSession, *, thread_id: str, after_seq: int, limit: int = 500
 ) -> Sequence[Event]:
