@@ -29,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from tests.harness import free_port
 
-from bench.bench_streams import MODEL_PID, largest_gap, percentile, start_model_server
+from bench.bench_streams import (
+    MODEL_PID,
+    largest_gap,
+    percentile,
+    start_model_server,
+    stream_summary,
+)
 from bench.model_server import expected_text, stream_marker
 from bench.procstat import Window
 
@@ -79,17 +85,7 @@ async def streams(url: str, pid: int, level: int, tokens: int, delay_ms: int) ->
     for _, _, text in results:
         if text != expected_text(tokens):
             raise RuntimeError(f"answer mismatch: {text[:80]!r}")
-    times = [r[0] for r in results]
-    gaps = [r[1] for r in results]
-    return {
-        "level": level,
-        "p50_s": percentile(times, 50),
-        "p95_s": percentile(times, 95),
-        "gap95_ms": percentile(gaps, 95) * 1000,
-        "cpu_per_token_us": usage.cpu_s["server"] / (level * tokens) * 1e6,
-        "server_cpu_s": usage.cpu_s["server"],
-        "wall_s": usage.wall_s,
-    }
+    return stream_summary(level, tokens, [r[0] for r in results], [r[1] for r in results], usage)
 
 
 async def plain(url: str, pid: int, clients: int, runs: int) -> dict[str, Any]:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from tests.harness import ServerProcess, base_env, free_port, make_token
 
 from bench.model_server import expected_text, stream_marker
-from bench.procstat import Window
+from bench.procstat import Usage, Window
 
 TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
 MODEL_PID = [0]  # the scripted model's process, measured beside the server
@@ -125,6 +125,13 @@ async def streams(server: ServerProcess, level: int, tokens: int, delay_ms: int)
         _check(trace, expected_text(tokens))
     times = [t.ended - t.sent for t in traces]
     gaps = [t.largest_gap for t in traces]
+    return stream_summary(level, tokens, times, gaps, usage)
+
+
+def stream_summary(
+    level: int, tokens: int, times: list[float], gaps: list[float], usage: Usage
+) -> dict[str, Any]:
+    """One streaming level's figures (shared with the peer's benchmark)."""
     return {
         "level": level,
         "p50_s": percentile(times, 50),

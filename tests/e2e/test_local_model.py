@@ -15,21 +15,22 @@ from tests.harness import base_env, free_port, parley_command, unique_user
 
 pytestmark = pytest.mark.local_model
 
+# Development with no model configured: the bundled local model.
+BUNDLED_MODEL = {
+    "ENVIRONMENT": "development",
+    "LLM_PROVIDER": "",
+    "LLM_MODEL": "",
+    "LLM_BASE_URL": "",
+    # A loaded 2-core machine can take many seconds to the first token (the tests' default of
+    # 10 s is for the scripted server); the default in real use is 30 s.
+    "LLM_TIMEOUT_S": "60",
+}
+
 
 async def test_development_with_no_llm_configured_streams_a_real_answer_from_the_bundled_model(
     spawn: SpawnServer,
 ) -> None:
-    server = spawn(
-        ENVIRONMENT="development",
-        LLM_PROVIDER="",
-        LLM_MODEL="",
-        LLM_BASE_URL="",
-        # A loaded 2-core machine can take many seconds to the first token (the tests' default
-        # of 10 s is for the scripted server); the default in real use is 30 s.
-        LLM_TIMEOUT_S="60",
-        LLM_MAX_TOKENS="48",
-        STARTUP_TIMEOUT_S="60",
-    )
+    server = spawn(**BUNDLED_MODEL, LLM_MAX_TOKENS="48", STARTUP_TIMEOUT_S="60")
     async with server.connect(unique_user()) as client:
         assert client.hello["model"] == "local:SmolLM2-135M-Instruct"
         accepted = await client.ask("Name one colour of the sky.")

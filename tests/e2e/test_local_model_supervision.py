@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import SpawnServer
+from tests.e2e.test_local_model import BUNDLED_MODEL
 from tests.harness import ServerProcess, unique_user
 
 pytestmark = pytest.mark.local_model
@@ -39,17 +40,7 @@ async def wait_for(server: ServerProcess, status: int, within: float) -> dict[st
 async def test_killed_local_model_is_restarted_and_the_next_run_is_answered(
     spawn: SpawnServer,
 ) -> None:
-    server = spawn(
-        ENVIRONMENT="development",
-        LLM_PROVIDER="",
-        LLM_MODEL="",
-        LLM_BASE_URL="",
-        # A loaded 2-core machine can take many seconds to the first token (the tests' default
-        # of 10 s is for the scripted server); the default in real use is 30 s.
-        LLM_TIMEOUT_S="60",
-        LLM_MAX_TOKENS="8",
-        STARTUP_TIMEOUT_S="90",
-    )
+    server = spawn(**BUNDLED_MODEL, LLM_MAX_TOKENS="8", STARTUP_TIMEOUT_S="90")
     code, llm = await llm_readiness(server)
     assert code == 200
     pid = llm["pid"]
