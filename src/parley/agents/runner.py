@@ -31,7 +31,7 @@ from parley.errors import LLMError
 from parley.llm import LLMManager
 from parley.llm_stream import StepResult, ToolCallRequest, stream_step
 from parley.protocol import AgentThinking, Usage
-from parley.store.models import Message
+from parley.store.queries import HistoryEntry
 from parley.tools import DispatchingToolset, RunDeps
 
 # Model requests one run may make (pydantic-ai's default request limit is 50 too): a model that
@@ -57,7 +57,7 @@ class AgentOutcome:
     usage: Usage
 
 
-def history_to_messages(history: Sequence[Message]) -> list[dict[str, Any]]:
+def history_to_messages(history: Sequence[HistoryEntry]) -> list[dict[str, Any]]:
     """Earlier turns of the thread as chat messages (oldest first)."""
     return [
         {"role": message.role, "content": message.content}

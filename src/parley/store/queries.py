@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Protocol, cast
 
 from sqlalchemy import Interval, bindparam, case, delete, exists, func, select, update
 from sqlalchemy import insert as insert_rows
@@ -107,13 +108,34 @@ async def add_message(
 
 
 async def list_messages(
-    session: AsyncSession, *, thread_id: str, limit: int | None = None, newest_first: bool = False
+    session: AsyncSession, *, thread_id: str, limit: int | None = None
 ) -> Sequence[Message]:
-    order = Message.created_at.desc() if newest_first else Message.created_at.asc()
-    statement = select(Message).where(Message.thread_id == thread_id).order_by(order)
+    statement = (
+        select(Message).where(Message.thread_id == thread_id).order_by(Message.created_at.asc())
+    )
     if limit is not None:
         statement = statement.limit(limit)
     return (await session.scalars(statement)).all()
+
+
+class HistoryEntry(Protocol):
+    id: str
+    role: str
+    content: str
+
+
+async def recent_history(
+    session: AsyncSession, *, thread_id: str, limit: int
+) -> Sequence[HistoryEntry]:
+    """The thread's newest `limit` messages, newest first: only the columns the model reads
+    (plain rows, not ORM objects, which cost more to build than the query; read per run)."""
+    statement = (
+        select(Message.id, Message.role, Message.content)
+        .where(Message.thread_id == thread_id)
+        .order_by(Message.created_at.desc())
+        .limit(limit)
+    )
+    return cast(Sequence[HistoryEntry], (await session.execute(statement)).all())
 
 
 async def search_messages(

@@ -177,11 +177,8 @@ class Supervisor:
         history = []
         if not run.new_thread and self._limits.history_messages > 0:
             async with self._db.read() as session:
-                earlier = await queries.list_messages(
-                    session,
-                    thread_id=run.thread_id,
-                    limit=self._limits.history_messages + 1,
-                    newest_first=True,
+                earlier = await queries.recent_history(
+                    session, thread_id=run.thread_id, limit=self._limits.history_messages + 1
                 )
             history = [m for m in reversed(earlier) if m.id != run.message_id]
         deps = RunDeps(
