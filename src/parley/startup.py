@@ -403,6 +403,7 @@ async def _supervisor_phase(ctx: _Context) -> Supervisor:
             max_runs_per_user=settings.max_runs_per_user,
             rate_limit_per_minute=settings.rate_limit_per_minute,
             history_messages=settings.history_messages,
+            database_outage_grace_s=settings.database_outage_grace_s,
         ),
         metrics=ctx.metrics,
         instance_id=ctx.instance_id,

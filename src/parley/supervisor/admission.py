@@ -29,6 +29,8 @@ class Limits:
     max_runs_per_user: int
     rate_limit_per_minute: int
     history_messages: int
+    # How long a run's own reads (its history) wait out a database outage, like the event log.
+    database_outage_grace_s: float = 10.0
 
 
 class Slot:

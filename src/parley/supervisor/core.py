@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from parley.agents import AgentRegistry
 from parley.agents.runner import AgentOutcome, history_to_messages, run_agent
 from parley.bus import EventBus
-from parley.errors import NotFound, Unavailable
+from parley.errors import NotFound, StorageUnavailable, Unavailable
 from parley.llm import LLMManager
 from parley.observability import Metrics, get_logger
 from parley.protocol import UserMessage
 from parley.store import queries
 from parley.store.db import Database
 from parley.store.eventlog import Accepted, EventLog, Intake
+from parley.store.outage import Outage, is_transient
+from parley.store.queries import HistoryEntry
 from parley.supervisor.admission import Admission, Limits, Slot
 from parley.supervisor.emitter import RunEmitter
 from parley.supervisor.lifecycle import CANCEL_GRACE_S, Run, own_run
@@ -174,12 +176,9 @@ class Supervisor:
 
     async def _body(self, run: Run) -> AgentOutcome:
         _name, agent = self._agents.get(run.agent_name)
-        history = []
+        history: list[HistoryEntry] = []
         if not run.new_thread and self._limits.history_messages > 0:
-            async with self._db.read() as session:
-                earlier = await queries.recent_history(
-                    session, thread_id=run.thread_id, limit=self._limits.history_messages + 1
-                )
+            earlier = await self._read_history(run.thread_id)
             history = [m for m in reversed(earlier) if m.id != run.message_id]
         deps = RunDeps(
             user_id=run.user_id,
@@ -195,6 +194,24 @@ class Supervisor:
             history=history_to_messages(history[-self._limits.history_messages :]),
             deps=deps,
         )
+
+    async def _read_history(self, thread_id: str) -> Sequence[HistoryEntry]:
+        """The thread's recent messages, waiting out a short database outage the way the event
+        log does (a run accepted a moment ago should not fail on a database restart)."""
+        outage = Outage(self._limits.database_outage_grace_s)
+        while True:
+            try:
+                async with self._db.read() as session:
+                    return await queries.recent_history(
+                        session, thread_id=thread_id, limit=self._limits.history_messages + 1
+                    )
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                outage.begin()
+                if outage.past_grace():
+                    raise StorageUnavailable("the database stayed unreachable") from exc
+                await asyncio.sleep(outage.next_delay())
 
     # ------------------------------------------------------------------ control
 
