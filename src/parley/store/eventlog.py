@@ -336,9 +336,7 @@ async def _fence(
     they must not follow the terminal event. The threads are locked first: a peer's terminal
     event either committed before our check (we see the run ended) or waits for our commit
     (and gets a later seq)."""
-    progress = {
-        e.run_id for _, e in to_store if not isinstance(e, TerminalEvent | AgentStarted)
-    }
+    progress = {e.run_id for _, e in to_store if not isinstance(e, TerminalEvent | AgentStarted)}
     if not progress:
         return to_store
     await queries.lock_threads(session, thread_ids=list({e.thread_id for _, e in to_store}))
