@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -48,6 +49,7 @@ from parley.protocol import (
 )
 from parley.store import queries
 from parley.store.db import Database
+from parley.store.outage import is_transient
 from parley.supervisor import Accepted, Supervisor
 
 log = get_logger(__name__)
@@ -326,17 +328,27 @@ class Transport:
         elif isinstance(message, UserMessage):
             await self._user_message(connection, message)
         elif isinstance(message, StopAgent):
-            try:
+            with self._answering_failures(connection):
                 await self._supervisor.stop(connection.user_id, message.run_id)
-            except ParleyError as exc:
-                self._error(connection, exc.code, exc.message)
         elif isinstance(message, Resume):
-            try:
+            with self._answering_failures(connection):
                 await self._resume(connection, message)
-            except ParleyError as exc:
-                self._error(connection, exc.code, exc.message)
         elif isinstance(message, Authenticate):
             await self._authenticate(connection, message)
+
+    @contextlib.contextmanager
+    def _answering_failures(self, connection: _Connection) -> Iterator[None]:
+        """A refused request is answered with its error frame; a database that cannot be
+        reached right now with `unavailable` (retry), not a closed connection."""
+        try:
+            yield
+        except ParleyError as exc:
+            self._error(connection, exc.code, exc.message)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("transport.database_unavailable", error=type(exc).__name__)
+            self._error(connection, "unavailable", "the database is unavailable; retry")
 
     # ------------------------------------------------------------------ token lifetime
 

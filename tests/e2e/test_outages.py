@@ -343,6 +343,9 @@ async def test_postgres_restarted_mid_run_the_run_completes_and_new_messages_get
         stopped_at = time.monotonic()
         await asyncio.to_thread(private_postgres.stop)
         refused = await client.ask("a new message while the database is down")
+        # A resume cannot be checked against the database now: answered, connection kept.
+        await client.send({"type": "resume", "thread_id": accepted["thread_id"], "after_seq": 0})
+        resume_refused = await client.recv_type("error", timeout=30)
         outage_seen = await wait_metric(server, "parley_database_outage", 1.0)
         status, body = await wait_readiness(server, 503)
         await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - stopped_at)))
@@ -351,6 +354,7 @@ async def test_postgres_restarted_mid_run_the_run_completes_and_new_messages_get
         await client.settle(1.0)
     assert refused["type"] == "error", refused
     assert refused["code"] == "unavailable"
+    assert resume_refused["code"] == "unavailable", resume_refused
     assert outage_seen
     assert status == 503
     assert body["components"]["database"]["status"] == "down"
