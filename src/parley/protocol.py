@@ -1,4 +1,5 @@
-"""The wire format of PROTOCOL.md v1: every client message and server frame as a pydantic model.
+"""The wire format of protocol v1 (docs/protocol.md): every client message and server frame as a
+pydantic model.
 
 This module is the single source of the format. Client frames are parsed once at the edge by
 `parse_client_message`, which turns every malformed input into a `ProtocolViolation` carrying
