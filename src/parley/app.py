@@ -8,7 +8,7 @@ Shutdown on SIGTERM/SIGINT (`ParleyServer`): readiness turns 503 at once and new
 `error unavailable`; running runs get `SHUTDOWN_GRACE_S` to finish and are then cancelled with
 `agent_cancelled` reason `server_shutdown`; queued frames are flushed and every socket closes
 with 1001; then uvicorn stops and the components close in reverse order. A second signal
-skips the wait.
+skips the grace wait (runs are still ended with their terminal events); a third exits at once.
 """
 
 from __future__ import annotations
@@ -188,9 +188,16 @@ async def _watchdog(components: Components) -> None:
 class ParleyServer(uvicorn.Server):
     """uvicorn's server with Parley's drain between the signal and uvicorn's own shutdown."""
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain: Callable[[], Awaitable[None]],
+        hurry: Callable[[], None],
+    ) -> None:
         super().__init__(config)
         self._drain = drain
+        self._hurry = hurry
+        self._hurried = False
         self._draining: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -201,9 +208,17 @@ class ParleyServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it after serving, and the
         # process would die of the signal instead of exiting 0 after a clean shutdown.
-        if self._draining is not None or self._loop is None:
+        if self._loop is None:
             self.should_exit = True
-            self.force_exit = self._draining is not None
+            return
+        if self._draining is not None and not self._hurried:
+            # A second signal: skip the grace wait, but still end every run with its terminal
+            # event and close every socket with 1001 (a forced exit would lose both).
+            self._hurried = True
+            self._loop.call_soon_threadsafe(self._hurry)
+            return
+        if self._draining is not None:
+            self.should_exit = self.force_exit = True  # a third: stop now
             return
         self._loop.call_soon_threadsafe(self._start_drain)
 

@@ -121,7 +121,9 @@ async def _serve(settings: Settings) -> int:
         timeout_graceful_shutdown=5,
         server_header=False,
     )
-    server = ParleyServer(config, drain=lambda: drain(components, state))
+    server = ParleyServer(
+        config, drain=lambda: drain(components, state), hurry=components.supervisor.hurry_drain
+    )
     if settings.environment.value == "development" and settings.jwt_secret is None:
         token = mint_token(secret=development_secret(settings.data_dir), user_id="dev", ttl_s=86400)
         err.print(

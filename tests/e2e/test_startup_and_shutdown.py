@@ -556,12 +556,6 @@ async def test_a_drain_refuses_new_connections_and_a_second_signal_skips_the_gra
     assert exit_code == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.ParleyServer.handle_exit: a second signal sets force_exit, so uvicorn exits at "
-    "once; the components close under the running run, whose terminal write fails (the event "
-    "log is closed): no agent_cancelled, the run stays running, and the socket drops without 1001",
-)
 async def test_a_second_signal_still_ends_each_run_with_server_shutdown_and_closes_1001(
     spawn: SpawnServer, fake_llm: FakeLLM
 ) -> None:

@@ -76,6 +76,7 @@ class Supervisor:
         self._admission = Admission(limits, metrics)
         self._runs: dict[str, Run] = {}
         self.accepting = True
+        self._hurry = asyncio.Event()  # a second shutdown signal: skip the drain's grace wait
         metrics.supervisor_accepting.set(1)
 
     # ------------------------------------------------------------------ intake
@@ -260,12 +261,28 @@ class Supervisor:
         owners = self._owners()
         if owners:
             log.info("supervisor.draining", runs=len(owners), grace_s=grace_s)
-            await asyncio.wait(owners, timeout=grace_s)
+            hurried = asyncio.ensure_future(self._hurry.wait())
+            try:
+                deadline = time.monotonic() + grace_s
+                while (owners := self._owners()) and not hurried.done():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    await asyncio.wait(
+                        {*owners, hurried}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                    )
+            finally:
+                hurried.cancel()
         for run in list(self._runs.values()):
             run.request_stop("server_shutdown")
         deadline = time.monotonic() + CANCEL_GRACE_S + 10.0
         while (owners := self._owners()) and time.monotonic() < deadline:
             await asyncio.wait(owners, timeout=max(0.0, deadline - time.monotonic()))
+
+    def hurry_drain(self) -> None:
+        """End the drain's grace wait now: running runs are stopped (`server_shutdown`) and
+        their terminal events written, as at the end of the grace."""
+        self._hurry.set()
 
     def _owners(self) -> set[asyncio.Task[None]]:
         return {r.owner for r in self._runs.values() if r.owner is not None and not r.owner.done()}
