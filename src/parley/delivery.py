@@ -78,6 +78,18 @@ class Outbox:
         if not self.closed:
             self._append(frame)
 
+    def take_before_close(self) -> list[str]:
+        """Empty the outbox; returns the frames queued before its close (what the sender did
+        not get to send when the connection ended)."""
+        frames: list[str] = []
+        while self._frames:
+            frame = self._frames.popleft()
+            if isinstance(frame, Close):
+                break
+            frames.append(frame)
+        self._frames.clear()
+        return frames
+
     async def wait_for_room(self) -> None:
         await self._room.wait()
 

@@ -250,9 +250,15 @@ class Transport:
                     within_s=self._close_within_s,
                 )
             elif connection.closing is not None:
-                # A close (heartbeat, expiry) that waited behind frames a stalled client never
-                # read: send it now, so the client learns the documented code when it reads on.
+                # A close (too large, heartbeat, expiry) that the sender did not get to: first
+                # the frames queued before it (e.g. the `message_too_large` error), then the
+                # close, each bounded: a stalled client must not hold its connection forever.
                 closing = connection.closing
+                await _send_within(
+                    connection.ws,
+                    delivery.outbox.take_before_close(),
+                    within_s=self._close_within_s,
+                )
                 await _close(
                     connection.ws, closing.code, closing.reason, within_s=self._close_within_s
                 )
@@ -480,6 +486,16 @@ _LATEST = datetime.max.replace(tzinfo=UTC).timestamp() - 86400
 
 def _iso(epoch_seconds: float) -> str:
     return utc_iso(datetime.fromtimestamp(min(epoch_seconds, _LATEST), UTC))
+
+
+async def _send_within(ws: WebSocket, frames: list[str], *, within_s: float) -> None:
+    """Send `frames` in order, giving up after `within_s` (a client that does not read)."""
+    if not frames or ws.application_state != WebSocketState.CONNECTED:
+        return
+    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+        async with asyncio.timeout(within_s):
+            for frame in frames:
+                await ws.send_text(frame)
 
 
 async def _close(ws: WebSocket, code: int, reason: str, *, within_s: float) -> None:

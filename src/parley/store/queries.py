@@ -308,7 +308,10 @@ async def lock_threads(session: AsyncSession, *, thread_ids: Sequence[str]) -> N
     """Row-lock the threads (in id order, so that two writers cannot deadlock) until the end of
     the transaction: whoever stores events of these threads waits for us, or we for them."""
     statement = select(Thread.id).where(Thread.id.in_(sorted(thread_ids)))
-    await session.execute(statement.order_by(Thread.id).with_for_update())
+    # FOR NO KEY UPDATE: like the seq UPDATE that follows, it does not conflict with the key-share
+    # locks that inserting a message or run of the thread takes (FOR UPDATE would, and two
+    # instances taking intakes into one thread would deadlock).
+    await session.execute(statement.order_by(Thread.id).with_for_update(key_share=True))
 
 
 async def running_among(session: AsyncSession, *, run_ids: set[str]) -> set[str]:
