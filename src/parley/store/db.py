@@ -32,6 +32,13 @@ _SQLITE_PRAGMAS = (
 )
 
 
+# Parley's transactions last milliseconds. One left open by a process that stopped (paused,
+# hung, cut off) holds its row locks, e.g. on a thread's seq counter, and would block every
+# other instance writing to that thread, including the peer ending the stopped instance's runs:
+# PostgreSQL ends such a session after this long.
+_POSTGRES_SETTINGS = {"idle_in_transaction_session_timeout": "5000"}
+
+
 class Database:
     """Owns the engines. `read()` and `write()` each yield a session in one transaction."""
 
@@ -48,7 +55,11 @@ class Database:
             _configure_sqlite(self._writer, immediate=True)
         else:
             self._reader = create_async_engine(
-                url, pool_size=10, max_overflow=20, pool_pre_ping=True
+                url,
+                pool_size=10,
+                max_overflow=20,
+                pool_pre_ping=True,
+                connect_args={"server_settings": _POSTGRES_SETTINGS},
             )
             self._writer = self._reader
         self._read_sessions = async_sessionmaker(self._reader, expire_on_commit=False)
