@@ -68,8 +68,17 @@ class JwksCache:
         async with self._lock:
             response = await self._client.get(self._url, timeout=5.0)
             response.raise_for_status()
+            try:
+                published = response.json()["keys"]
+                if not isinstance(published, list):
+                    raise TypeError("keys is not a list")
+            except (ValueError, KeyError, TypeError) as exc:
+                # Not a JWKS document: like an unreachable key service, never a crashed handshake.
+                raise httpx.DecodingError(f"the key service's JWKS is malformed: {exc}") from None
             keys: dict[str, jwt.PyJWK] = {}
-            for data in response.json().get("keys", []):
+            for data in published:
+                if not isinstance(data, dict):
+                    continue
                 try:
                     key = jwt.PyJWK.from_dict(data)
                 except jwt.PyJWTError:

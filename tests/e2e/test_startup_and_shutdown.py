@@ -27,6 +27,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import SpawnServer, llm_env
+from tests.e2e.test_transport import jwks_server
 from tests.fakes.llm_server import FakeLLM, Text
 from tests.harness import base_env, make_token, parley_command, refusing_port, unique_user
 
@@ -108,6 +109,17 @@ def test_production_without_secrets_fails_in_settings_and_prints_no_secret(
     )
     assert_failed_in(outcome, "settings", "DATABASE_URL", "JWT_SECRET or AUTH_SERVICE_URL")
     assert "sk-super-secret-value" not in outcome.stderr + outcome.stdout
+
+
+@pytest.mark.parametrize("published", [{"keys": "not a list"}, {"no_keys": []}])
+def test_a_malformed_jwks_fails_startup_in_transport_with_one_line_naming_it(
+    tmp_path: Path, fake_llm: FakeLLM, published: dict[str, object]
+) -> None:
+    with jwks_server(published) as auth_url:
+        outcome = run_parley(
+            tmp_path, "serve", JWT_SECRET="", AUTH_SERVICE_URL=auth_url, **llm_env(fake_llm)
+        )
+    assert_failed_in(outcome, "transport", "JWKS is malformed")
 
 
 def test_local_model_file_that_does_not_exist_fails_in_llm(tmp_path: Path) -> None:
