@@ -237,16 +237,20 @@ class ConnectionDelivery:
         if job.announce:
             state.resumed = True
         position = job.after_seq
+        # `wait_for_room` waits until the outbox is at most half full; a page of at most a
+        # quarter of it leaves a quarter for frames of other threads (live events, pongs), so
+        # a replay alone never makes the outbox overflow, whatever SEND_QUEUE_SIZE is.
+        page_size = max(1, min(REPLAY_PAGE, self.outbox.limit // 4))
         while True:
             await self.outbox.wait_for_room()
-            page = await self._read_page(job.thread_id, position, REPLAY_PAGE)
+            page = await self._read_page(job.thread_id, position, page_size)
             for seq, frame in page:
                 position = seq
                 if skip is not None and skip[0] <= seq <= skip[1]:
                     continue
                 state.sent(seq)
                 self.outbox.put_pulled(frame)
-            if len(page) < REPLAY_PAGE and state.noted <= position:
+            if len(page) < page_size and state.noted <= position:
                 break
         state.replays -= 1
         if state.replays == 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import string
+import uuid
 
 import pytest
 import websockets
@@ -121,7 +122,11 @@ async def _exchange(server: ServerProcess, sent: list[str | bytes]) -> None:
                 assert closed.value.rcvd is not None
                 assert closed.value.rcvd.code == 1009
                 return
-            await ws.send('{"type":"ping"}')
+            # A marker that only this request can answer (a fuzzed frame may itself be a valid
+            # ping, so "the next pong" would not tell the answers apart): resume of a thread
+            # that does not exist is answered not_found naming it.
+            marker = str(uuid.uuid4())
+            await ws.send(json.dumps({"type": "resume", "thread_id": marker, "after_seq": 0}))
             while True:
                 try:
                     answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -132,8 +137,8 @@ async def _exchange(server: ServerProcess, sent: list[str | bytes]) -> None:
                     assert answer["code"] in ERROR_CODES, (frame, answer)
                     assert isinstance(answer["message"], str)
                     assert answer["message"]
-                if answer["type"] == "pong":
-                    break
+                    if answer["code"] == "not_found" and marker in answer["message"]:
+                        break
 
 
 # A failing example holding a 66 kB frame would otherwise be reported as this warning (turned
