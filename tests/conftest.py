@@ -63,6 +63,14 @@ def spawn(fake_llm: FakeLLM, tmp_path: Path) -> Iterator[SpawnServer]:
         server.stop()
 
 
+def spawn_pair(
+    spawn: SpawnServer, database_url: str, redis_url: str, **env: str
+) -> tuple[ServerProcess, ServerProcess]:
+    """Two instances of one deployment, A and B: the same database and Redis (and `env`)."""
+    shared = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, **env}
+    return spawn(**shared), spawn(**shared)
+
+
 @pytest.fixture(scope="module")
 def server(fake_llm: FakeLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One default server shared by a module's tests; each test uses its own users."""

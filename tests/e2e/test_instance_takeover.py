@@ -9,12 +9,13 @@ import contextlib
 import signal
 import time
 import uuid
+from typing import Any
 
 import pytest
 import websockets
 from sqlalchemy.engine import make_url
 
-from tests.conftest import SpawnServer
+from tests.conftest import SpawnServer, spawn_pair
 from tests.fakes.llm_server import FakeLLM, Text
 from tests.harness import TERMINAL, Client, ServerProcess, make_token, unique_user
 
@@ -22,6 +23,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 # What the issue asks of the defaults (INSTANCE_LEASE_S=10, INSTANCE_HEARTBEAT_S=2).
 TAKEOVER_BOUND_S = 15.0
+# A lease that runs out within a couple of seconds of a silent instance.
+SHORT_LEASE = {"INSTANCE_HEARTBEAT_S": "0.5", "INSTANCE_LEASE_S": "2"}
 
 
 class DatabaseProxy:
@@ -89,14 +92,41 @@ async def _bare_client(
     return client
 
 
+def long_answer(fake_llm: FakeLLM, delay_s: float) -> str:
+    """Script 2000 ticks, one every `delay_s`: far longer than any test waits. The trigger."""
+    return fake_llm.script(
+        f"T{uuid.uuid4().hex[:10]}", Text("tick " * 2000, chunk=5, delay_s=delay_s)
+    )
+
+
+async def streaming_on_a_seen_on_b(
+    a: ServerProcess,
+    b: ServerProcess,
+    user: str,
+    fake_llm: FakeLLM,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[Client, Client, dict[str, Any]]:
+    """Bare clients of `user` on A and B, and the message_accepted of a long run on A, once B
+    has seen it streaming."""
+    on_a = await _bare_client(a, user, stack)
+    on_b = await _bare_client(b, user, stack)
+    accepted = await on_a.ask(f"stream for a long time {long_answer(fake_llm, 0.02)}")
+    await on_b.recv_type("agent_message_delta", timeout=20)
+    return on_a, on_b, accepted
+
+
+async def replayed(server: ServerProcess, user: str, thread_id: str) -> list[dict[str, Any]]:
+    """The thread's run events as a new connection's `resume` replays them: as stored."""
+    async with server.connect(user) as client:
+        return [e for e in await client.replay(thread_id) if "seq" in e]
+
+
 async def test_a_killed_instance_runs_end_interrupted_on_the_live_one_within_15_s(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
 ) -> None:
-    shared = {"DATABASE_URL": postgres_url, "REDIS_URL": redis_url, "RUN_TIMEOUT_S": "60"}
-    a = spawn(**shared)
-    b = spawn(**shared)
+    a, b = spawn_pair(spawn, postgres_url, redis_url, RUN_TIMEOUT_S="60")
     # About 100 s of streaming: far longer than the takeover may take, longer than the timeout.
-    slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("tick " * 2000, chunk=5, delay_s=0.05))
+    slow = long_answer(fake_llm, 0.05)
     user = unique_user("takeover")
     async with contextlib.AsyncExitStack() as stack, b.connect(user) as on_b:
         on_a = await _bare_client(a, user, stack)
@@ -110,8 +140,7 @@ async def test_a_killed_instance_runs_end_interrupted_on_the_live_one_within_15_
         events = await on_b.run_events(accepted["run_id"], timeout=TAKEOVER_BOUND_S)
         assert time.monotonic() - killed_at < TAKEOVER_BOUND_S
     # A new connection (on one, what was sent live is not sent again by a replay).
-    async with b.connect(user) as again:
-        replay = [e for e in await again.replay(accepted["thread_id"]) if "seq" in e]
+    replay = await replayed(b, user, accepted["thread_id"])
     assert a.exit_code == -signal.SIGKILL
     terminal = events[-1]
     assert terminal["type"] == "agent_error", terminal
@@ -132,14 +161,7 @@ async def test_a_live_instance_runs_are_never_taken_over_by_its_peer(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
 ) -> None:
     # A short lease, so that the run lasts several of them while the peer sweeps.
-    shared = {
-        "DATABASE_URL": postgres_url,
-        "REDIS_URL": redis_url,
-        "INSTANCE_HEARTBEAT_S": "0.5",
-        "INSTANCE_LEASE_S": "2",
-    }
-    a = spawn(**shared)
-    b = spawn(**shared)
+    a, b = spawn_pair(spawn, postgres_url, redis_url, **SHORT_LEASE)
     answer = "tick " * 160  # about 8 s: four leases
     slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text(answer, chunk=5, delay_s=0.05))
     user = unique_user("alive")
@@ -157,22 +179,10 @@ async def test_a_live_instance_runs_are_never_taken_over_by_its_peer(
 async def test_a_paused_instance_is_taken_over_then_notices_and_serves_on_under_a_new_lease(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
 ) -> None:
-    shared = {
-        "DATABASE_URL": postgres_url,
-        "REDIS_URL": redis_url,
-        "RUN_TIMEOUT_S": "60",
-        "INSTANCE_HEARTBEAT_S": "0.5",
-        "INSTANCE_LEASE_S": "2",
-    }
-    a = spawn(**shared)
-    b = spawn(**shared)
-    slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("tick " * 2000, chunk=5, delay_s=0.02))
+    a, b = spawn_pair(spawn, postgres_url, redis_url, RUN_TIMEOUT_S="60", **SHORT_LEASE)
     user = unique_user("paused")
     async with contextlib.AsyncExitStack() as stack:
-        on_a = await _bare_client(a, user, stack)
-        on_b = await _bare_client(b, user, stack)
-        accepted = await on_a.ask(f"stream for a long time {slow}")
-        await on_b.recv_type("agent_message_delta", timeout=20)
+        on_a, on_b, accepted = await streaming_on_a_seen_on_b(a, b, user, fake_llm, stack)
         assert a.proc is not None
         a.proc.send_signal(signal.SIGSTOP)  # alive, but silent: its lease runs out
         try:
@@ -193,8 +203,7 @@ async def test_a_paused_instance_is_taken_over_then_notices_and_serves_on_under_
     assert "instance.lease_lost" in a.read_log()
     assert more[-1]["type"] == "agent_completed", more[-1]
     assert b.read_log().count("instance.taken_over") == 1
-    async with b.connect(user) as client:
-        replay = [e for e in await client.replay(accepted["thread_id"]) if "seq" in e]
+    replay = await replayed(b, user, accepted["thread_id"])
     assert [e["seq"] for e in replay] == list(range(1, len(replay) + 1)), "seq not dense"
     terminals = [e for e in replay if e["type"] in TERMINAL]
     assert terminals == [events[-1]]
@@ -206,17 +215,16 @@ async def test_a_database_outage_longer_than_the_lease_takes_no_instance_over(
     # Every lease runs out during the outage; none may be taken as a death once it is over
     # (the event log rides the outage out: DATABASE_OUTAGE_GRACE_S is longer than it).
     async with DatabaseProxy(postgres_url) as database:
-        shared = {
-            "DATABASE_URL": database.url,
-            "REDIS_URL": redis_url,
-            "RUN_TIMEOUT_S": "60",
-            "INSTANCE_HEARTBEAT_S": "0.5",
-            "INSTANCE_LEASE_S": "2",
-            "DATABASE_OUTAGE_GRACE_S": "20",
-        }
-        # In threads: the proxy serves on this event loop while the servers start.
-        a = await asyncio.to_thread(spawn, **shared)
-        b = await asyncio.to_thread(spawn, **shared)
+        # In a thread: the proxy serves on this event loop while the servers start.
+        a, b = await asyncio.to_thread(
+            spawn_pair,
+            spawn,
+            database.url,
+            redis_url,
+            RUN_TIMEOUT_S="60",
+            DATABASE_OUTAGE_GRACE_S="20",
+            **SHORT_LEASE,
+        )
         answer = "tick " * 200  # about 10 s
         slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text(answer, chunk=5, delay_s=0.05))
         user = unique_user("outage")
@@ -244,29 +252,16 @@ async def test_an_instance_paused_past_its_lease_stores_nothing_after_the_takeov
 ) -> None:
     """A paused instance wakes up holding deltas of a run its peer has ended meanwhile: the
     event log's fence drops them, so the thread's last event of that run stays its terminal."""
-    shared = {
-        "DATABASE_URL": postgres_url,
-        "REDIS_URL": redis_url,
-        "RUN_TIMEOUT_S": "60",
-        "INSTANCE_HEARTBEAT_S": "0.5",
-        "INSTANCE_LEASE_S": "2",
-    }
-    a = spawn(**shared)
-    b = spawn(**shared)
-    slow = fake_llm.script(f"T{uuid.uuid4().hex[:10]}", Text("tick " * 2000, chunk=5, delay_s=0.02))
+    a, b = spawn_pair(spawn, postgres_url, redis_url, RUN_TIMEOUT_S="60", **SHORT_LEASE)
     user = unique_user("paused")
     async with contextlib.AsyncExitStack() as stack:
-        on_a = await _bare_client(a, user, stack)
-        on_b = await _bare_client(b, user, stack)
-        accepted = await on_a.ask(f"stream {slow}")
-        await on_b.recv_type("agent_message_delta", timeout=20)
+        _, on_b, accepted = await streaming_on_a_seen_on_b(a, b, user, fake_llm, stack)
         assert a.proc is not None
         a.proc.send_signal(signal.SIGSTOP)
         await on_b.run_events(accepted["run_id"], timeout=15)
         a.proc.send_signal(signal.SIGCONT)
         await asyncio.sleep(3)  # A wakes, streams on until its renewal finds it was declared dead
-    async with b.connect(user) as c:
-        replay = [e for e in await c.replay(accepted["thread_id"]) if "seq" in e]
+    replay = await replayed(b, user, accepted["thread_id"])
     assert [e["seq"] for e in replay] == list(range(1, len(replay) + 1))
     kinds = [e["type"] for e in replay if e["run_id"] == accepted["run_id"]]
     tail = kinds[kinds.index("agent_error") :]

@@ -30,7 +30,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import SpawnServer, llm_env
+from tests.conftest import SpawnServer, llm_env, spawn_pair
 from tests.fakes.llm_server import FakeLLM, Text, ToolCall
 from tests.harness import (
     TERMINAL,
@@ -633,11 +633,23 @@ async def wait_subscribed(redis: PrivateRedis, user: str, instances: int, timeou
 
 
 @contextlib.asynccontextmanager
-async def two_instances(
-    spawn: SpawnServer, postgres_url: str, redis_url: str, **env: str
-) -> AsyncIterator[tuple[ServerProcess, ServerProcess]]:
-    shared = {"DATABASE_URL": postgres_url, "REDIS_URL": redis_url, **env}
-    yield spawn(**shared), spawn(**shared)
+async def connected_to_both(
+    a: ServerProcess, b: ServerProcess, user: str, redis: PrivateRedis
+) -> AsyncIterator[tuple[Client, Client]]:
+    """`user` connected to A and to B, once both instances listen for the user's events."""
+    async with a.connect(user) as on_a, b.connect(user) as on_b:
+        await wait_subscribed(redis, user, instances=2, timeout=10)
+        yield on_a, on_b
+
+
+async def run_on_a_seen_on_b(
+    on_a: Client, on_b: Client, content: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Ask on A; the run's events as A delivered them, and as B did (through Redis)."""
+    accepted = await on_a.ask(content)
+    seen_on_a = await on_a.run_events(accepted["run_id"])
+    seen_on_b = await on_b.run_events(accepted["run_id"], timeout=15)
+    return seen_on_a, seen_on_b
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,19 +661,17 @@ async def two_instances(
 async def test_a_subscribe_that_failed_while_redis_was_down_is_retried(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
 ) -> None:
-    async with two_instances(spawn, postgres_url, private_redis.url) as (a, b):
-        user = unique_user()
-        t = fake_llm.script(trigger(), Text("hello across instances", chunk=4, delay_s=0.05))
-        private_redis.stop()
-        async with b.connect(user) as on_b:  # B's SUBSCRIBE for this user fails now
-            private_redis.start()
-            await wait_ready(a)
-            await wait_ready(b)
-            async with a.connect(user) as on_a:
-                await wait_subscribed(private_redis, user, instances=2, timeout=10)
-                accepted = await on_a.ask(f"talk to me {t}")
-                seen_on_a = await on_a.run_events(accepted["run_id"])
-                seen_on_b = await on_b.run_events(accepted["run_id"], timeout=15)
+    a, b = spawn_pair(spawn, postgres_url, private_redis.url)
+    user = unique_user()
+    t = fake_llm.script(trigger(), Text("hello across instances", chunk=4, delay_s=0.05))
+    private_redis.stop()
+    async with b.connect(user) as on_b:  # B's SUBSCRIBE for this user fails now
+        private_redis.start()
+        await wait_ready(a)
+        await wait_ready(b)
+        async with a.connect(user) as on_a:
+            await wait_subscribed(private_redis, user, instances=2, timeout=10)
+            seen_on_a, seen_on_b = await run_on_a_seen_on_b(on_a, on_b, f"talk to me {t}")
     assert seen_on_a[-1]["type"] == "agent_completed"
     assert seen_on_b == seen_on_a
 
@@ -675,33 +685,31 @@ async def test_a_subscribe_that_failed_while_redis_was_down_is_retried(
 async def test_a_drain_with_redis_delivers_every_terminal_event_before_closing_with_1001(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
 ) -> None:
-    instances = two_instances(spawn, postgres_url, private_redis.url, SHUTDOWN_GRACE_S="0")
-    async with instances as (a, b):
-        user = unique_user()
-        t = fake_llm.script(trigger(), slow_text(30))
-        async with a.connect(user) as on_a, b.connect(user) as on_b:
-            await wait_subscribed(private_redis, user, instances=2, timeout=10)
-            runs = [(await on_a.ask(f"until the server stops {n} {t}")) for n in range(2)]
-            for accepted in runs:
-                await read_until(
-                    on_b,
-                    lambda run=accepted["run_id"]: len(on_b.events_of(run)) >= 3,
-                    what="the runs' events on B",
-                )
-            # Redis stalls while A drains: A's terminal events reach B only if A waits for
-            # them to be published before it goes (`EventBus.flush`), not if it just exits.
-            assert private_redis.proc is not None
-            assert a.proc is not None
-            private_redis.proc.send_signal(signal.SIGSTOP)
-            try:
-                a.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(2.0)
-            finally:
-                private_redis.proc.send_signal(signal.SIGCONT)
-            await read_until_closed(on_a)
-            seen_on_b = [await on_b.run_events(r["run_id"], timeout=15) for r in runs]
-        close_code = on_a.ws.close_code
-        seen_on_a = [on_a.events_of(r["run_id"]) for r in runs]
+    a, b = spawn_pair(spawn, postgres_url, private_redis.url, SHUTDOWN_GRACE_S="0")
+    user = unique_user()
+    t = fake_llm.script(trigger(), slow_text(30))
+    async with connected_to_both(a, b, user, private_redis) as (on_a, on_b):
+        runs = [(await on_a.ask(f"until the server stops {n} {t}")) for n in range(2)]
+        for accepted in runs:
+            await read_until(
+                on_b,
+                lambda run=accepted["run_id"]: len(on_b.events_of(run)) >= 3,
+                what="the runs' events on B",
+            )
+        # Redis stalls while A drains: A's terminal events reach B only if A waits for
+        # them to be published before it goes (`EventBus.flush`), not if it just exits.
+        assert private_redis.proc is not None
+        assert a.proc is not None
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            a.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(2.0)
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+        await read_until_closed(on_a)
+        seen_on_b = [await on_b.run_events(r["run_id"], timeout=15) for r in runs]
+    close_code = on_a.ws.close_code
+    seen_on_a = [on_a.events_of(r["run_id"]) for r in runs]
     assert close_code == 1001
     for on_a_events, on_b_events, accepted in zip(seen_on_a, seen_on_b, runs, strict=True):
         assert on_a_events[-1]["type"] == "agent_cancelled", types(on_a_events)[-3:]
@@ -720,23 +728,22 @@ async def test_a_drain_with_redis_delivers_every_terminal_event_before_closing_w
 async def test_redis_killed_and_restarted_mid_run_the_other_instance_still_delivers_everything(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
 ) -> None:
-    async with two_instances(spawn, postgres_url, private_redis.url) as (a, b):
-        user = unique_user()
-        words = [f"w{i:02d} " for i in range(60)]
-        t = fake_llm.script(trigger(), Text("".join(words), chunk=4, delay_s=0.05))
-        async with a.connect(user) as on_a, b.connect(user) as on_b:
-            await wait_subscribed(private_redis, user, instances=2, timeout=10)
-            accepted = await on_a.ask(f"sixty words {t}")
-            run_id = accepted["run_id"]
-            for _ in range(3):
-                await on_b.recv_type("agent_message_delta")
-            private_redis.stop(signal.SIGKILL)
-            await asyncio.sleep(1.5)
-            private_redis.start()
-            seen_on_b = await on_b.run_events(run_id, timeout=30)
-            seen_on_a = await on_a.run_events(run_id, timeout=30)
-            await on_b.settle(1.0)
-            assert on_b.ws.close_code is None  # B's client never had to reconnect
+    a, b = spawn_pair(spawn, postgres_url, private_redis.url)
+    user = unique_user()
+    words = [f"w{i:02d} " for i in range(60)]
+    t = fake_llm.script(trigger(), Text("".join(words), chunk=4, delay_s=0.05))
+    async with connected_to_both(a, b, user, private_redis) as (on_a, on_b):
+        accepted = await on_a.ask(f"sixty words {t}")
+        run_id = accepted["run_id"]
+        for _ in range(3):
+            await on_b.recv_type("agent_message_delta")
+        private_redis.stop(signal.SIGKILL)
+        await asyncio.sleep(1.5)
+        private_redis.start()
+        seen_on_b = await on_b.run_events(run_id, timeout=30)
+        seen_on_a = await on_a.run_events(run_id, timeout=30)
+        await on_b.settle(1.0)
+        assert on_b.ws.close_code is None  # B's client never had to reconnect
     stored = await stored_events(b, user, accepted["thread_id"])
     assert seen_on_a[-1]["type"] == "agent_completed"
     assert seen_on_b == stored == seen_on_a
@@ -754,22 +761,21 @@ async def test_redis_killed_and_restarted_mid_run_the_other_instance_still_deliv
 async def test_a_stalled_redis_never_holds_up_a_run_or_its_own_instances_clients(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
 ) -> None:
-    async with two_instances(spawn, postgres_url, private_redis.url) as (a, b):
-        user = unique_user()
-        words = [f"s{i:02d} " for i in range(20)]
-        t = fake_llm.script(trigger(), Text("".join(words), chunk=4, delay_s=0.02))
-        async with a.connect(user) as on_a, b.connect(user) as on_b:
-            await wait_subscribed(private_redis, user, instances=2, timeout=10)
-            assert private_redis.proc is not None
-            # Redis takes nothing and answers nothing; well within its clients' 10 s timeout.
-            private_redis.proc.send_signal(signal.SIGSTOP)
-            try:
-                accepted = await on_a.ask(f"while redis sleeps {t}")
-                seen_on_a = await on_a.run_events(accepted["run_id"], timeout=8)
-            finally:
-                private_redis.proc.send_signal(signal.SIGCONT)
-            # Back, Redis carries what A published meanwhile to B.
-            seen_on_b = await on_b.run_events(accepted["run_id"], timeout=20)
+    a, b = spawn_pair(spawn, postgres_url, private_redis.url)
+    user = unique_user()
+    words = [f"s{i:02d} " for i in range(20)]
+    t = fake_llm.script(trigger(), Text("".join(words), chunk=4, delay_s=0.02))
+    async with connected_to_both(a, b, user, private_redis) as (on_a, on_b):
+        assert private_redis.proc is not None
+        # Redis takes nothing and answers nothing; well within its clients' 10 s timeout.
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            accepted = await on_a.ask(f"while redis sleeps {t}")
+            seen_on_a = await on_a.run_events(accepted["run_id"], timeout=8)
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+        # Back, Redis carries what A published meanwhile to B.
+        seen_on_b = await on_b.run_events(accepted["run_id"], timeout=20)
     assert seen_on_a[-1]["type"] == "agent_completed"
     assert seen_on_a[-1]["content"] == "".join(words)
     assert seen_on_b == seen_on_a
@@ -780,17 +786,14 @@ async def test_a_stalled_redis_never_holds_up_a_run_or_its_own_instances_clients
 async def test_a_malformed_message_on_a_users_channel_does_not_stop_delivery(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
 ) -> None:
-    async with two_instances(spawn, postgres_url, private_redis.url) as (a, b):
-        user = unique_user()
-        t = fake_llm.script(trigger(), Text("still delivered", chunk=4, delay_s=0.02))
-        async with a.connect(user) as on_a, b.connect(user) as on_b:
-            await wait_subscribed(private_redis, user, instances=2, timeout=10)
-            # Something other than Parley (or an older Parley) writes on the user's channel.
-            for garbage in ("not a parley event", "origin\nthread\nnot-a-seq\n{}", b"\xff\xfe"):
-                private_redis.publish(f"parley:events:{user}", garbage)
-            accepted = await on_a.ask(f"after the garbage {t}")
-            seen_on_a = await on_a.run_events(accepted["run_id"])
-            seen_on_b = await on_b.run_events(accepted["run_id"], timeout=15)
+    a, b = spawn_pair(spawn, postgres_url, private_redis.url)
+    user = unique_user()
+    t = fake_llm.script(trigger(), Text("still delivered", chunk=4, delay_s=0.02))
+    async with connected_to_both(a, b, user, private_redis) as (on_a, on_b):
+        # Something other than Parley (or an older Parley) writes on the user's channel.
+        for garbage in ("not a parley event", "origin\nthread\nnot-a-seq\n{}", b"\xff\xfe"):
+            private_redis.publish(f"parley:events:{user}", garbage)
+        seen_on_a, seen_on_b = await run_on_a_seen_on_b(on_a, on_b, f"after the garbage {t}")
     assert seen_on_a[-1]["type"] == "agent_completed"
     assert seen_on_b == seen_on_a
 
@@ -804,26 +807,26 @@ async def test_a_malformed_message_on_a_users_channel_does_not_stop_delivery(
 async def test_two_instances_streaming_into_the_same_two_threads_never_deadlock(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, redis_url: str
 ) -> None:
-    async with two_instances(spawn, postgres_url, redis_url, MAX_RUNS_PER_USER="8") as (a, b):
-        user = unique_user()
-        # Fast answers with many small deltas: every batch of each writer holds both threads.
-        t = fake_llm.script(trigger(), Text("d" * 1500, chunk=1))
-        async with a.connect(user) as on_a, b.connect(user) as on_b:
-            threads = []
-            for n in range(2):
-                seeded = await on_a.ask(f"thread {n}")
-                await on_a.run_events(seeded["run_id"])
-                threads.append(seeded["thread_id"])
-            # A writes thread 0 then 1, B thread 1 then 0: opposite orders if locked as queued.
-            pairs = [(on_a, threads[0]), (on_b, threads[1]), (on_a, threads[1]), (on_b, threads[0])]
-            accepted = [
-                await client.ask(f"stream {n} {t}", thread_id=thread)
-                for n, (client, thread) in enumerate(pairs)
-            ]
-            ended = [
-                (await client.run_events(answer["run_id"], timeout=60))[-1]
-                for (client, _), answer in zip(pairs, accepted, strict=True)
-            ]
+    a, b = spawn_pair(spawn, postgres_url, redis_url, MAX_RUNS_PER_USER="8")
+    user = unique_user()
+    # Fast answers with many small deltas: every batch of each writer holds both threads.
+    t = fake_llm.script(trigger(), Text("d" * 1500, chunk=1))
+    async with a.connect(user) as on_a, b.connect(user) as on_b:
+        threads = []
+        for n in range(2):
+            seeded = await on_a.ask(f"thread {n}")
+            await on_a.run_events(seeded["run_id"])
+            threads.append(seeded["thread_id"])
+        # A writes thread 0 then 1, B thread 1 then 0: opposite orders if locked as queued.
+        pairs = [(on_a, threads[0]), (on_b, threads[1]), (on_a, threads[1]), (on_b, threads[0])]
+        accepted = [
+            await client.ask(f"stream {n} {t}", thread_id=thread)
+            for n, (client, thread) in enumerate(pairs)
+        ]
+        ended = [
+            (await client.run_events(answer["run_id"], timeout=60))[-1]
+            for (client, _), answer in zip(pairs, accepted, strict=True)
+        ]
     assert [e["type"] for e in ended] == ["agent_completed"] * 4, ended
     for thread in threads:
         stored = await stored_events(a, user, thread)

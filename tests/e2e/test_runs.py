@@ -407,16 +407,22 @@ async def test_circuit_closes_again_after_its_reset_time_and_readiness_returns_t
     assert 'parley_llm_circuit_open{provider="openai"} 0.0' in await metrics(server)
 
 
-async def test_provider_slower_than_llm_timeout_s_ends_the_run_with_llm_unavailable(
-    spawn: SpawnServer, fake_llm: FakeLLM
-) -> None:
-    server = spawn(LLM_TIMEOUT_S="1", RUN_TIMEOUT_S="30")
+async def hung_run(server: ServerProcess, fake_llm: FakeLLM) -> tuple[list[dict[str, Any]], float]:
+    """A run whose provider hangs for 20 s: its events (it must end within 15 s) and the seconds
+    from its acceptance to its end."""
     t = fake_llm.script(trigger(), Hang(20))
     async with server.connect(unique_user()) as client:
         accepted = await client.ask(f"hang {t}")
         started = time.monotonic()
         events = await client.run_events(accepted["run_id"], timeout=15)
         elapsed = time.monotonic() - started
+    return events, elapsed
+
+
+async def test_provider_slower_than_llm_timeout_s_ends_the_run_with_llm_unavailable(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    events, elapsed = await hung_run(spawn(LLM_TIMEOUT_S="1", RUN_TIMEOUT_S="30"), fake_llm)
     assert events[-1]["type"] == "agent_error"
     assert events[-1]["code"] == "llm_unavailable"  # the provider timed out, not the run
     assert events[-1]["retryable"] is True
@@ -426,13 +432,7 @@ async def test_provider_slower_than_llm_timeout_s_ends_the_run_with_llm_unavaila
 async def test_run_that_exceeds_its_deadline_ends_with_timeout(
     spawn: SpawnServer, fake_llm: FakeLLM
 ) -> None:
-    server = spawn(RUN_TIMEOUT_S="2", LLM_TIMEOUT_S="30")
-    t = fake_llm.script(trigger(), Hang(20))
-    async with server.connect(unique_user()) as client:
-        accepted = await client.ask(f"hang {t}")
-        started = time.monotonic()
-        events = await client.run_events(accepted["run_id"], timeout=15)
-        elapsed = time.monotonic() - started
+    events, elapsed = await hung_run(spawn(RUN_TIMEOUT_S="2", LLM_TIMEOUT_S="30"), fake_llm)
     assert events[-1]["type"] == "agent_error"
     assert events[-1]["code"] == "timeout"
     assert events[-1]["retryable"] is True
