@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,84 @@ TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "SYSTEMROOT")
 
 
-def free_port() -> int:
-    """A port free right now. Racy (another process may bind it before you do): prefer letting
-    the server bind port 0 (`ServerProcess` does) or holding a socket (`refusing_port`)."""
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PRIVATE_PORTS_FROM = 10_000  # below: the usual ports of well-known and registered services
+PRIVATE_PORT_BLOCK = 1_000  # ports of each pytest-xdist worker
+_private_ports_given: set[int] = set()
+
+
+class PortTaken(Exception):
+    """A server could not bind the port it was given: something else holds it."""
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (inclusive). Where it
+    cannot be read (not Linux), IANA's dynamic range, which macOS and Windows use."""
+    try:
+        low, high = (int(bound) for bound in EPHEMERAL_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return 49152, 65535
+    return low, high
+
+
+def _private_port_block() -> list[int]:
+    low, high = ephemeral_port_range()
+    usable = [port for port in range(PRIVATE_PORTS_FROM, 65536) if not low <= port <= high]
+    if not usable:
+        raise RuntimeError(f"no port from {PRIVATE_PORTS_FROM} up is outside {low}-{high}")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    number = int(worker) if worker.isdigit() else 0
+    block = number % max(1, len(usable) // PRIVATE_PORT_BLOCK)
+    return usable[block * PRIVATE_PORT_BLOCK : (block + 1) * PRIVATE_PORT_BLOCK]
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def private_port() -> int:
+    """A loopback port for a server that must keep it across restarts (a private Redis or
+    PostgreSQL a test stops and starts again), so cannot bind port 0 and report it.
+
+    Not a port the kernel picks (binding port 0): those come from the ephemeral range
+    (`ephemeral_port_range`), the same the kernel draws source ports of outgoing connections
+    from, so while the server is down (before its first start, or during a test's outage) any
+    client connection on the machine (another test's, another worker's) may take the port as its
+    source port, and the server cannot bind it again. So a port outside that range (from
+    `PRIVATE_PORTS_FROM` up, clear of the usual ports of well-known services); from a block of
+    `PRIVATE_PORT_BLOCK` ports of its own for each pytest-xdist worker (`PYTEST_XDIST_WORKER`:
+    gw0, gw1, ...; 27 blocks with Linux's default range), so two workers never pick the same
+    one; not one this process gave out already; and bindable now. Something else on the
+    machine (another test session, a service) may still bind it before the server does: start
+    the server with `start_on_private_port`, which tries another port then.
+    """
+    block = _private_port_block()
+    if _private_ports_given.issuperset(block):
+        _private_ports_given.difference_update(block)
+    start = random.randrange(len(block))  # another session on the machine has the same block
+    for port in block[start:] + block[:start]:
+        if port not in _private_ports_given and _bindable(port):
+            _private_ports_given.add(port)
+            return port
+    raise RuntimeError(f"no port of {block[0]}-{block[-1]} is free")
+
+
+def start_on_private_port(start: Callable[[int], None], attempts: int = 5) -> int:
+    """`start(port)` on a `private_port()`; when it raises `PortTaken` (something bound the
+    port since it was picked), again on another, up to `attempts` times. Returns the port."""
+    for _ in range(attempts - 1):
+        port = private_port()
+        with contextlib.suppress(PortTaken):
+            start(port)
+            return port
+    port = private_port()
+    start(port)
+    return port
 
 
 @contextlib.contextmanager

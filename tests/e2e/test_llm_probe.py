@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM
-from tests.harness import ServerProcess, base_env, free_port, parley_command, refusing_port
+from tests.harness import ServerProcess, base_env, parley_command, refusing_port
 
 KEY = "sk-right-" + "k" * 24
 WRONG_KEY = "sk-wrong-secret-" + "w" * 24
@@ -50,8 +50,9 @@ def staging_env(tmp_path: Path, base_url: str, **extra: str) -> dict[str, str]:
 
 
 def serve_until_exit(tmp_path: Path, env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
-    """`parley serve` that is expected to fail startup: its exit code and all it printed."""
-    full = base_env(tmp_path / "data", PORT=str(free_port()), **env)
+    """`parley serve` that is expected to fail startup: its exit code and all it printed.
+    On port 0 (the kernel picks a free one, should it get that far): no port to race for."""
+    full = base_env(tmp_path / "data", PORT="0", **env)
     done = subprocess.run(
         parley_command("serve"),
         env=full,

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import SpawnServer
-from tests.harness import base_env, free_port, parley_command, unique_user
+from tests.harness import base_env, parley_command, unique_user
 
 pytestmark = pytest.mark.local_model
 
@@ -73,7 +73,7 @@ def test_a_local_model_that_cannot_load_fails_startup_in_llm_saying_what_to_do(
         parley_command("serve"),
         env=base_env(
             tmp_path / "data",
-            PORT=str(free_port()),
+            PORT="0",  # it never gets to serve: no port to race other processes for
             ENVIRONMENT="development",
             LLM_PROVIDER="local",
             LLM_MODEL_PATH=str(broken),

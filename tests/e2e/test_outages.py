@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,17 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import SpawnServer
+from tests.conftest import SpawnServer, spawn_pair
 from tests.fakes.llm_server import FakeLLM, Text
-from tests.harness import TERMINAL, Client, ServerProcess, free_port, make_token, unique_user
+from tests.harness import (
+    TERMINAL,
+    Client,
+    PortTaken,
+    ServerProcess,
+    make_token,
+    start_on_private_port,
+    unique_user,
+)
 
 WORDS = [f"w{i:02d} " for i in range(60)]
 
@@ -48,7 +56,7 @@ class PrivateRedis:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.port = free_port()
+        self.port = 0  # picked by the first start
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,17 +64,33 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Start on a private port the first time (another if it was taken), then on that one."""
+        if self.port:
+            self._start_on(self.port)
+        else:
+            self.port = start_on_private_port(self._start_on)
+
+    def _start_on(self, port: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        log = self.directory / "redis.log"
+        log.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("redis-server", "--port", str(port), "--bind", "127.0.0.1"),
                 *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                *("--logfile", str(log)),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_until(lambda: _redis_answers(self.port), "redis-server did not start", self.proc)
+        try:
+            _wait_until(lambda: _redis_answers(port), "redis-server did not start", self.proc)
+        except AssertionError:
+            self.kill()
+            if "Address already in use" in log.read_text(errors="replace"):
+                raise PortTaken(port) from None
+            raise
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -91,7 +115,8 @@ class PrivatePostgres:
         self.directory = Path(tempfile.mkdtemp(prefix="parley-outage-pg-"))
         self.directory.chmod(0o755)
         self.data = self.directory / "data"
-        self.port = free_port()
+        self.log = self.directory / "log"
+        self.port = 0  # picked by the first start
 
     @property
     def url(self) -> str:
@@ -104,12 +129,34 @@ class PrivatePostgres:
         self._as_postgres("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust")
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        log = str(self.directory / "log")
-        self._as_postgres("pg_ctl", "-D", str(self.data), "-w", "-l", log, "-o", options, "start")
+        """Start on a private port the first time (another if it was taken), then on that one."""
+        if self.port:
+            self._start_on(self.port)
+        else:
+            self.port = start_on_private_port(self._start_on)
+
+    def _start_on(self, port: int) -> None:
+        options = f"-p {port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        logged = self.log.stat().st_size if self.log.exists() else 0
+        try:
+            self._as_postgres(
+                "pg_ctl", "-D", str(self.data), "-w", "-l", str(self.log), "-o", options, "start"
+            )
+        except subprocess.CalledProcessError:
+            with self.log.open(errors="replace") as log:
+                log.seek(logged)
+                if "Address already in use" in log.read():
+                    raise PortTaken(port) from None
+            raise
 
     def stop(self) -> None:
         self._as_postgres("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    async def down_for(self, seconds: float) -> None:
+        """Stop the server, and start it again (on the same port) `seconds` later."""
+        await asyncio.to_thread(self.stop)
+        await asyncio.sleep(seconds)
+        await asyncio.to_thread(self.start)
 
     def remove(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
@@ -256,6 +303,42 @@ def assert_dense(events: list[dict[str, Any]]) -> None:
     assert seqs == list(range(1, len(seqs) + 1)), f"seq not dense: {seqs}"
 
 
+@contextlib.asynccontextmanager
+async def sixty_words_under_way(
+    server: ServerProcess, fake_llm: FakeLLM, user: str
+) -> AsyncIterator[tuple[Client, dict[str, Any]]]:
+    """A client of `user` connected to `server`, and the message_accepted of its run of the
+    60-word answer, which has streamed three deltas (about 2.5 s of it still to come)."""
+    async with server.connect(user) as client:
+        accepted = await client.ask(f"sixty words {sixty_words(fake_llm)}")
+        for _ in range(3):
+            await client.recv_type("agent_message_delta")
+        yield client, accepted
+
+
+async def through_an_outage(
+    server: ServerProcess, fake_llm: FakeLLM, user: str, postgres: PrivatePostgres, seconds: float
+) -> tuple[Client, dict[str, Any], list[dict[str, Any]]]:
+    """`sixty_words_under_way`, with PostgreSQL down for `seconds` three deltas in: the client,
+    the run's message_accepted, and the run's events as the client received them live."""
+    async with sixty_words_under_way(server, fake_llm, user) as (client, accepted):
+        await postgres.down_for(seconds)
+        seen = await client.run_events(accepted["run_id"], timeout=40)
+        await client.settle(1.0)
+    return client, accepted, seen
+
+
+async def stored_as_delivered(
+    server: ServerProcess, user: str, client: Client, accepted: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The run's thread as stored, checked to be what `client` received of the run (every event
+    once, in order) with seq dense."""
+    stored = await stored_events(server, user, accepted["thread_id"])
+    assert frames_of(client, accepted["run_id"]) == stored
+    assert_dense(stored)
+    return stored
+
+
 # -------------------------------------------------------------------------------- Redis
 
 
@@ -264,8 +347,7 @@ def assert_dense(events: list[dict[str, Any]]) -> None:
 async def test_redis_restarted_mid_run_clients_on_both_instances_get_every_event_once_in_order(
     spawn: SpawnServer, fake_llm: FakeLLM, postgres_url: str, private_redis: PrivateRedis
 ) -> None:
-    shared = {"DATABASE_URL": postgres_url, "REDIS_URL": private_redis.url}
-    a, b = spawn(**shared), spawn(**shared)
+    a, b = spawn_pair(spawn, postgres_url, private_redis.url)
     user = unique_user()
     trigger = sixty_words(fake_llm)
     async with a.connect(user) as on_a, b.connect(user) as on_b:
@@ -334,12 +416,7 @@ async def test_postgres_restarted_mid_run_the_run_completes_and_new_messages_get
 ) -> None:
     server = spawn(DATABASE_URL=private_postgres.url, REDIS_URL=redis_url)
     user = unique_user()
-    trigger = sixty_words(fake_llm)
-    async with server.connect(user) as client:
-        accepted = await client.ask(f"sixty words {trigger}")
-        run_id = accepted["run_id"]
-        for _ in range(3):
-            await client.recv_type("agent_message_delta")
+    async with sixty_words_under_way(server, fake_llm, user) as (client, accepted):
         stopped_at = time.monotonic()
         await asyncio.to_thread(private_postgres.stop)
         refused = await client.ask("a new message while the database is down")
@@ -350,7 +427,7 @@ async def test_postgres_restarted_mid_run_the_run_completes_and_new_messages_get
         status, body = await wait_readiness(server, 503)
         await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - stopped_at)))
         await asyncio.to_thread(private_postgres.start)
-        seen = await client.run_events(run_id, timeout=40)
+        seen = await client.run_events(accepted["run_id"], timeout=40)
         await client.settle(1.0)
     assert refused["type"] == "error", refused
     assert refused["code"] == "unavailable"
@@ -358,11 +435,9 @@ async def test_postgres_restarted_mid_run_the_run_completes_and_new_messages_get
     assert outage_seen
     assert status == 503
     assert body["components"]["database"]["status"] == "down"
-    stored = await stored_events(server, user, accepted["thread_id"])
     assert seen[-1]["type"] == "agent_completed", seen[-1]
     assert answer_of(seen) == "".join(WORDS) == seen[-1]["content"]
-    assert frames_of(client, run_id) == stored  # every event once, in order, as stored
-    assert_dense(stored)
+    await stored_as_delivered(server, user, client, accepted)
     assert await wait_metric(server, "parley_database_outage", 0.0)
 
 
@@ -374,24 +449,13 @@ async def test_postgres_down_longer_than_the_grace_ends_the_run_with_storage_una
         DATABASE_URL=private_postgres.url, REDIS_URL=redis_url, DATABASE_OUTAGE_GRACE_S="1"
     )
     user = unique_user()
-    trigger = sixty_words(fake_llm)
-    async with server.connect(user) as client:
-        accepted = await client.ask(f"sixty words {trigger}")
-        run_id = accepted["run_id"]
-        for _ in range(3):
-            await client.recv_type("agent_message_delta")
-        await asyncio.to_thread(private_postgres.stop)
-        await asyncio.sleep(4.0)  # past the grace, and past the end of the model's answer
-        await asyncio.to_thread(private_postgres.start)
-        seen = await client.run_events(run_id, timeout=40)
-        await client.settle(1.0)
+    # Down past the grace, and past the end of the model's answer.
+    client, accepted, seen = await through_an_outage(server, fake_llm, user, private_postgres, 4.0)
     assert seen[-1]["type"] == "agent_error", seen[-1]
     assert seen[-1]["code"] == "storage_unavailable"
     assert seen[-1]["retryable"] is True
-    stored = await stored_events(server, user, accepted["thread_id"])
+    stored = await stored_as_delivered(server, user, client, accepted)
     assert [e for e in stored if e["type"] in TERMINAL] == [seen[-1]]  # stored, once
-    assert frames_of(client, run_id) == stored
-    assert_dense(stored)
     assert await metric(server, 'parley_eventlog_refused_total{reason="grace"}') > 0
 
 
@@ -403,20 +467,9 @@ async def test_events_beyond_the_outage_backlog_end_the_run_with_storage_unavail
         DATABASE_URL=private_postgres.url, REDIS_URL=redis_url, DATABASE_OUTAGE_BACKLOG="1"
     )
     user = unique_user()
-    trigger = sixty_words(fake_llm)
-    async with server.connect(user) as client:
-        accepted = await client.ask(f"sixty words {trigger}")
-        run_id = accepted["run_id"]
-        for _ in range(3):
-            await client.recv_type("agent_message_delta")
-        await asyncio.to_thread(private_postgres.stop)
-        await asyncio.sleep(2.0)  # well within the grace: only the backlog is exceeded
-        await asyncio.to_thread(private_postgres.start)
-        seen = await client.run_events(run_id, timeout=40)
-        await client.settle(1.0)
+    # Down well within the grace: only the backlog is exceeded.
+    client, accepted, seen = await through_an_outage(server, fake_llm, user, private_postgres, 2.0)
     assert seen[-1]["type"] == "agent_error", seen[-1]
     assert seen[-1]["code"] == "storage_unavailable"
-    stored = await stored_events(server, user, accepted["thread_id"])
-    assert frames_of(client, run_id) == stored
-    assert_dense(stored)
+    await stored_as_delivered(server, user, client, accepted)
     assert await metric(server, 'parley_eventlog_refused_total{reason="backlog"}') > 0
