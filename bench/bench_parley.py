@@ -27,7 +27,9 @@ import websockets
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from tests.fakes.llm_server import FakeLLM
-from tests.harness import ServerProcess, base_env, free_port, make_token
+from tests.harness import ServerProcess, base_env, make_token
+
+from bench.ports import free_port
 
 ECHO_APP = """
 from starlette.applications import Starlette

@@ -27,8 +27,6 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from tests.harness import free_port
-
 from bench.bench_streams import (
     MODEL_PID,
     largest_gap,
@@ -37,6 +35,7 @@ from bench.bench_streams import (
     stream_summary,
 )
 from bench.model_server import expected_text, stream_marker
+from bench.ports import free_port
 from bench.procstat import Window
 
 PEER_DIR = Path(__file__).parent / "peer"

@@ -36,9 +36,10 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from tests.harness import ServerProcess, base_env, free_port, make_token
+from tests.harness import ServerProcess, base_env, make_token
 
 from bench.model_server import expected_text, stream_marker
+from bench.ports import free_port
 from bench.procstat import Usage, Window
 
 TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
