@@ -18,6 +18,7 @@ from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -40,7 +41,8 @@ _POSTGRES_SETTINGS = {"idle_in_transaction_session_timeout": "5000"}
 
 
 class Database:
-    """Owns the engines. `read()` and `write()` each yield a session in one transaction."""
+    """Owns the engines. `read()` and `write()` each yield a session in one transaction;
+    `read_connection()` and `write_connection()` a Core connection in one transaction."""
 
     def __init__(self, url: str):
         self.url = make_url(url)
@@ -80,6 +82,19 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncSession]:
         async with self._write_sessions() as session, session.begin():
             yield session
+
+    # The hot path (the event log's writer, a run's reads) uses plain connections and Core
+    # statements: an ORM session's unit of work, identity map and statement coercions cost more
+    # CPU than the statements themselves (profiled in bench/README.md).
+    @asynccontextmanager
+    async def read_connection(self) -> AsyncIterator[AsyncConnection]:
+        async with self._reader.begin() as connection:
+            yield connection
+
+    @asynccontextmanager
+    async def write_connection(self) -> AsyncIterator[AsyncConnection]:
+        async with self._writer.begin() as connection:
+            yield connection
 
     async def ping(self) -> None:
         """A real round trip; raises when the database cannot answer."""

@@ -34,9 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from parley.bus import Delivery, EventBus
 from parley.errors import NotFound, StorageUnavailable, Unavailable
@@ -44,7 +43,7 @@ from parley.observability import Metrics, get_logger
 from parley.protocol import AgentStarted, RunEvent, TerminalEvent, Usage
 from parley.store import queries
 from parley.store.db import Database
-from parley.store.models import Event, utcnow
+from parley.store.models import utcnow
 from parley.store.outage import Outage, is_transient
 
 log = get_logger(__name__)
@@ -295,16 +294,16 @@ class EventLog:
         events with their frames (in seq order per thread)."""
         results: list[Any] = []
         to_store: list[tuple[_Work, RunEvent]] = []
-        async with self._db.write() as session:
+        async with self._db.write_connection() as connection:
             for work in batch:
                 item = work.item
                 if isinstance(item, Intake):
-                    accepted, started = await _accept(session, item)
+                    accepted, started = await _accept(connection, item)
                     results.append(accepted)
                     if started is not None:
                         to_store.append((work, started))
                 elif isinstance(item, Finish):
-                    ended = await _finish(session, item)
+                    ended = await _finish(connection, item)
                     results.append(None)
                     if ended:
                         to_store.append((work, item.event))
@@ -312,8 +311,8 @@ class EventLog:
                     results.append(None)
                     to_store.append((work, item))
             if not self._db.is_sqlite:  # SQLite has one instance: no peer ends its runs
-                to_store = await _fence(session, batch, results, to_store)
-            stored = await _insert_events(session, [event for _, event in to_store])
+                to_store = await _fence(connection, batch, results, to_store)
+            stored = await _insert_events(connection, [event for _, event in to_store])
         by_work = {id(work): event for (work, _), (event, _f) in zip(to_store, stored, strict=True)}
         for index, work in enumerate(batch):
             if not isinstance(results[index], Accepted | BaseException) and id(work) in by_work:
@@ -326,7 +325,7 @@ class EventLog:
 
 
 async def _fence(
-    session: AsyncSession,
+    connection: AsyncConnection,
     batch: list[_Work],
     results: list[Any],
     to_store: list[tuple[_Work, RunEvent]],
@@ -339,10 +338,10 @@ async def _fence(
     progress = {e.run_id for _, e in to_store if not isinstance(e, TerminalEvent | AgentStarted)}
     if not progress:
         return to_store
-    await queries.lock_threads(session, thread_ids=list({e.thread_id for _, e in to_store}))
+    await queries.lock_threads(connection, thread_ids=list({e.thread_id for _, e in to_store}))
     # Runs that ended in this very transaction (their own Finish won) keep their events.
     ended_here = {e.run_id for _, e in to_store if isinstance(e, TerminalEvent)}
-    live = await queries.running_among(session, run_ids=progress) | ended_here
+    live = await queries.running_among(connection, run_ids=progress) | ended_here
     kept = []
     for work, event in to_store:
         if isinstance(event, TerminalEvent | AgentStarted) or event.run_id in live:
@@ -371,22 +370,27 @@ def _notify_stored(intake: Intake, accepted: Accepted) -> None:
 
 
 async def _accept(
-    session: AsyncSession, intake: Intake
+    connection: AsyncConnection, intake: Intake
 ) -> tuple[Accepted | BaseException, AgentStarted | None]:
     """The intake's rows, or the reason it was refused (returned, so the rest of the batch
     still commits). A duplicate client_message_id answers with what was accepted before."""
     if intake.client_message_id is not None:
-        previous = await _previous(session, intake)
+        previous = await _previous(connection, intake)
         if previous is not None:
             return previous, None
     try:
-        # A savepoint: a client_message_id racing in from another instance fails only this one.
-        async with session.begin_nested():
-            thread_id = await _intake_rows(session, intake)
+        if intake.client_message_id is None:
+            thread_id = await _intake_rows(connection, intake)
+        else:
+            # A savepoint: a client_message_id racing in from another instance fails only this
+            # one. (Without a client_message_id no row can conflict, and a savepoint costs two
+            # statements.) A thread that is not the user's is found before any row is written.
+            async with connection.begin_nested():
+                thread_id = await _intake_rows(connection, intake)
     except NotFound as exc:
         return exc, None
     except IntegrityError:
-        previous = await _previous(session, intake)
+        previous = await _previous(connection, intake)
         if previous is None:
             raise
         return previous, None
@@ -399,10 +403,10 @@ async def _accept(
     return accepted, started
 
 
-async def _previous(session: AsyncSession, intake: Intake) -> Accepted | None:
+async def _previous(connection: AsyncConnection, intake: Intake) -> Accepted | None:
     assert intake.client_message_id is not None
     found = await queries.find_by_client_id(
-        session, user_id=intake.user_id, client_message_id=intake.client_message_id
+        connection, user_id=intake.user_id, client_message_id=intake.client_message_id
     )
     if found is None or found.run_id is None:
         return None
@@ -411,20 +415,21 @@ async def _previous(session: AsyncSession, intake: Intake) -> Accepted | None:
     )
 
 
-async def _intake_rows(session: AsyncSession, intake: Intake) -> str:
-    await queries.ensure_user(session, user_id=intake.user_id)
+async def _intake_rows(connection: AsyncConnection, intake: Intake) -> str:
     if intake.thread_id is None:
-        thread = await queries.create_thread(session, user_id=intake.user_id, title=intake.content)
-    else:
-        found = await queries.get_thread(
-            session, user_id=intake.user_id, thread_id=intake.thread_id
+        await queries.ensure_user(connection, user_id=intake.user_id)
+        thread_id = await queries.create_thread(
+            connection, user_id=intake.user_id, title=intake.content
         )
-        if found is None:
+    else:
+        # An existing thread of the user's: the user row exists too.
+        owner = await queries.thread_owner(connection, thread_id=intake.thread_id)
+        if owner != intake.user_id:  # someone else's or none: the same answer
             raise NotFound(f"thread {intake.thread_id} not found")
-        thread = found
+        thread_id = intake.thread_id
     await queries.add_message(
-        session,
-        thread_id=thread.id,
+        connection,
+        thread_id=thread_id,
         user_id=intake.user_id,
         role="user",
         content=intake.content,
@@ -433,22 +438,21 @@ async def _intake_rows(session: AsyncSession, intake: Intake) -> str:
         message_id=intake.message_id,
     )
     await queries.create_run(
-        session,
+        connection,
         run_id=intake.run_id,
-        thread_id=thread.id,
+        thread_id=thread_id,
         user_id=intake.user_id,
         message_id=intake.message_id,
         agent=intake.agent,
         instance_id=intake.instance_id,
     )
-    await session.flush()
-    return thread.id
+    return thread_id
 
 
-async def _finish(session: AsyncSession, finish: Finish) -> bool:
+async def _finish(connection: AsyncConnection, finish: Finish) -> bool:
     usage = finish.usage or Usage()
     ended = await queries.finish_run_if_running(
-        session,
+        connection,
         run_id=finish.event.run_id,
         status=finish.status,
         error_code=finish.error_code,
@@ -458,7 +462,7 @@ async def _finish(session: AsyncSession, finish: Finish) -> bool:
     if ended and finish.answer is not None:
         message_id = getattr(finish.event, "message_id", None) or queries.new_id()
         await queries.add_message(
-            session,
+            connection,
             thread_id=finish.event.thread_id,
             user_id=finish.user_id,
             role="assistant",
@@ -470,7 +474,7 @@ async def _finish(session: AsyncSession, finish: Finish) -> bool:
 
 
 async def _insert_events(
-    session: AsyncSession, events: list[RunEvent]
+    connection: AsyncConnection, events: list[RunEvent]
 ) -> list[tuple[RunEvent, str]]:
     """Give each event its seq and id and insert them; returns them with their frames."""
     if not events:
@@ -478,10 +482,10 @@ async def _insert_events(
     counts: dict[str, int] = {}
     for event in events:
         counts[event.thread_id] = counts.get(event.thread_id, 0) + 1
-    last = await queries.reserve_seqs(session, counts)
+    last = await queries.reserve_seqs(connection, counts)
     next_seq = {thread_id: last[thread_id] - count + 1 for thread_id, count in counts.items()}
     stored: list[tuple[RunEvent, str]] = []
-    rows = []
+    rows: list[dict[str, object]] = []
     now = utcnow()
     for event in events:
         seq = next_seq[event.thread_id]
@@ -500,5 +504,5 @@ async def _insert_events(
                 "created_at": now,
             }
         )
-    await session.execute(insert(Event), rows)
+    await queries.insert_events(connection, rows)
     return stored

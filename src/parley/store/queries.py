@@ -13,39 +13,259 @@ from sqlalchemy import Interval, bindparam, case, delete, exists, func, select, 
 from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from parley.store.models import Event, Instance, Message, Run, Thread, User, utcnow
+from parley.store.models import Base, Event, Instance, Message, Run, Thread, utcnow
 
 THREAD_TITLE_CHARS = 80
+
+
+# ---------------------------------------------------------------------------- the hot path
+# What a run does on every message (the event log's writer, the run's own reads) is written as
+# SQLAlchemy Core statements built once, here, and executed on a plain connection with bound
+# parameters: building a statement per call (coercions, cache key) and the ORM's unit of work
+# cost several times the statement itself (see bench/README.md).
+
+USERS = Base.metadata.tables["users"]
+THREADS = Base.metadata.tables["threads"]
+MESSAGES = Base.metadata.tables["messages"]
+RUNS = Base.metadata.tables["runs"]
+EVENTS = Base.metadata.tables["events"]
+
+_INSERT_USER = {
+    "postgresql": pg_insert(USERS).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(USERS).on_conflict_do_nothing(),
+}
+_INSERT_THREAD = insert_rows(THREADS)
+_THREAD_OWNER = select(THREADS.c.user_id).where(THREADS.c.id == bindparam("thread_id"))
+_INSERT_MESSAGE = insert_rows(MESSAGES)
+_INSERT_RUN = insert_rows(RUNS)
+_INSERT_EVENTS = insert_rows(EVENTS)
+_BY_CLIENT_ID = select(MESSAGES.c.id, MESSAGES.c.thread_id, MESSAGES.c.run_id).where(
+    MESSAGES.c.user_id == bindparam("user_id"),
+    MESSAGES.c.client_message_id == bindparam("client_message_id"),
+)
+_RECENT_HISTORY = (
+    select(MESSAGES.c.id, MESSAGES.c.role, MESSAGES.c.content)
+    .where(MESSAGES.c.thread_id == bindparam("thread_id"))
+    .order_by(MESSAGES.c.created_at.desc())
+    .limit(bindparam("limit"))
+)
+_END_RUN = (
+    update(RUNS)
+    .where(RUNS.c.id == bindparam("run_id"), RUNS.c.status == "running")
+    .values(
+        status=bindparam("b_status"),
+        error_code=bindparam("b_error_code"),
+        input_tokens=bindparam("b_input_tokens"),
+        output_tokens=bindparam("b_output_tokens"),
+        ended_at=bindparam("b_ended_at"),
+    )
+)
+_RESERVE_ONE = (
+    update(THREADS)
+    .where(THREADS.c.id == bindparam("thread_id"))
+    .values(last_seq=THREADS.c.last_seq + bindparam("b_count"), updated_at=bindparam("b_now"))
+    .returning(THREADS.c.last_seq)
+)
+_LOCK_THREADS = (
+    select(THREADS.c.id)
+    .where(THREADS.c.id.in_(bindparam("thread_ids", expanding=True)))
+    .order_by(THREADS.c.id)
+    # FOR NO KEY UPDATE: like the seq UPDATE that follows, it does not conflict with the
+    # key-share locks that inserting a message or run of the thread takes (FOR UPDATE would,
+    # and two instances taking intakes into one thread would deadlock).
+    .with_for_update(key_share=True)
+)
+_RUNNING_AMONG = select(RUNS.c.id).where(
+    RUNS.c.id.in_(bindparam("run_ids", expanding=True)), RUNS.c.status == "running"
+)
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
-async def ensure_user(session: AsyncSession, *, user_id: str) -> None:
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    statement = insert(User).values(id=user_id, created_at=utcnow()).on_conflict_do_nothing()
-    await session.execute(statement)
+async def ensure_user(connection: AsyncConnection, *, user_id: str) -> None:
+    statement = _INSERT_USER.get(connection.dialect.name, _INSERT_USER["sqlite"])
+    await connection.execute(statement, {"id": user_id, "created_at": utcnow()})
 
 
-async def create_thread(session: AsyncSession, *, user_id: str, title: str) -> Thread:
+async def create_thread(
+    connection: AsyncConnection, *, user_id: str, title: str, thread_id: str | None = None
+) -> str:
+    thread_id = thread_id or new_id()
     now = utcnow()
-    thread = Thread(
-        id=new_id(),
-        user_id=user_id,
-        title=title[:THREAD_TITLE_CHARS],
-        last_seq=0,
-        created_at=now,
-        updated_at=now,
+    row = {
+        "id": thread_id,
+        "user_id": user_id,
+        "title": title[:THREAD_TITLE_CHARS],
+        "last_seq": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+    await connection.execute(_INSERT_THREAD, row)
+    return thread_id
+
+
+async def thread_owner(connection: AsyncConnection, *, thread_id: str) -> str | None:
+    """The user the thread belongs to; None when there is no such thread."""
+    owner = (await connection.execute(_THREAD_OWNER, {"thread_id": thread_id})).scalar()
+    return None if owner is None else str(owner)
+
+
+class StoredMessage(Protocol):
+    id: str
+    thread_id: str
+    run_id: str | None
+
+
+async def find_by_client_id(
+    connection: AsyncConnection, *, user_id: str, client_message_id: str
+) -> StoredMessage | None:
+    """The user's message with this client_message_id: its id, thread_id and run_id."""
+    params = {"user_id": user_id, "client_message_id": client_message_id}
+    return cast(StoredMessage | None, (await connection.execute(_BY_CLIENT_ID, params)).first())
+
+
+async def add_message(
+    connection: AsyncConnection,
+    *,
+    thread_id: str,
+    user_id: str,
+    role: str,
+    content: str,
+    run_id: str | None,
+    client_message_id: str | None = None,
+    message_id: str | None = None,
+) -> str:
+    message_id = message_id or new_id()
+    row = {
+        "id": message_id,
+        "thread_id": thread_id,
+        "user_id": user_id,
+        "role": role,
+        "content": content,
+        "client_message_id": client_message_id,
+        "run_id": run_id,
+        "created_at": utcnow(),
+    }
+    await connection.execute(_INSERT_MESSAGE, row)
+    return message_id
+
+
+async def create_run(
+    connection: AsyncConnection,
+    *,
+    run_id: str,
+    thread_id: str,
+    user_id: str,
+    message_id: str,
+    agent: str,
+    instance_id: str,
+) -> None:
+    row = {
+        "id": run_id,
+        "thread_id": thread_id,
+        "user_id": user_id,
+        "message_id": message_id,
+        "agent": agent,
+        "status": "running",
+        "error_code": None,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "instance_id": instance_id,
+        "started_at": utcnow(),
+        "ended_at": None,
+    }
+    await connection.execute(_INSERT_RUN, row)
+
+
+async def finish_run_if_running(
+    connection: AsyncConnection,
+    *,
+    run_id: str,
+    status: str,
+    error_code: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+) -> bool:
+    """End a run that is still `running`; False when it had already ended.
+
+    The `status = 'running'` condition makes this the one place where a run ends: of any number
+    of writers (the run's owner, orphan sweeps on several instances) exactly one succeeds, and
+    only that one may store the run's terminal event (in the same transaction).
+    """
+    params = {
+        "run_id": run_id,
+        "b_status": status,
+        "b_error_code": error_code,
+        "b_input_tokens": input_tokens,
+        "b_output_tokens": output_tokens,
+        "b_ended_at": utcnow(),
+    }
+    return (await connection.execute(_END_RUN, params)).rowcount == 1
+
+
+class HistoryEntry(Protocol):
+    id: str
+    role: str
+    content: str
+
+
+async def recent_history(
+    connection: AsyncConnection, *, thread_id: str, limit: int
+) -> Sequence[HistoryEntry]:
+    """The thread's newest `limit` messages, newest first: only the columns the model reads."""
+    result = await connection.execute(_RECENT_HISTORY, {"thread_id": thread_id, "limit": limit})
+    return cast(Sequence[HistoryEntry], result.all())
+
+
+async def insert_events(connection: AsyncConnection, rows: list[dict[str, object]]) -> None:
+    await connection.execute(_INSERT_EVENTS, rows)
+
+
+async def reserve_seqs(connection: AsyncConnection, counts: dict[str, int]) -> dict[str, int]:
+    """Take `counts[thread_id]` consecutive seqs of each thread, in one statement; returns each
+    thread's last seq taken. Row-locks the threads and marks them as updated now.
+
+    One UPDATE for the whole batch rather than one per thread: a statement is a round trip (a
+    thread hop with aiosqlite), and a batch carries events of many threads. Two PostgreSQL
+    writers cannot deadlock on it: `id IN (...)` on the primary key is an index scan that visits
+    (and locks) the rows in key order whatever order the list is in; and a deadlock that did
+    happen is a transient error the event log retries."""
+    if len(counts) == 1:  # the common case, with a statement built once
+        ((thread_id, count),) = counts.items()
+        params = {"thread_id": thread_id, "b_count": count, "b_now": utcnow()}
+        last = (await connection.execute(_RESERVE_ONE, params)).scalar()
+        if last is None:
+            raise LookupError(f"thread not found: {thread_id}")
+        return {thread_id: int(last)}
+    statement = (
+        update(THREADS)
+        .where(THREADS.c.id.in_(sorted(counts)))
+        .values(last_seq=THREADS.c.last_seq + case(counts, value=THREADS.c.id), updated_at=utcnow())
+        .returning(THREADS.c.id, THREADS.c.last_seq)
     )
-    session.add(thread)
-    # No ORM relationships are declared, so the unit of work does not know to insert the
-    # thread before rows that reference it: flush it now.
-    await session.flush()
-    return thread
+    taken = {row.id: int(row.last_seq) for row in await connection.execute(statement)}
+    if len(taken) != len(counts):
+        raise LookupError(f"threads not found: {sorted(set(counts) - set(taken))}")
+    return taken
+
+
+async def lock_threads(connection: AsyncConnection, *, thread_ids: Sequence[str]) -> None:
+    """Row-lock the threads (in id order, so that two writers cannot deadlock) until the end of
+    the transaction: whoever stores events of these threads waits for us, or we for them."""
+    await connection.execute(_LOCK_THREADS, {"thread_ids": sorted(thread_ids)})
+
+
+async def running_among(connection: AsyncConnection, *, run_ids: set[str]) -> set[str]:
+    """Which of `run_ids` are still running."""
+    result = await connection.execute(_RUNNING_AMONG, {"run_ids": list(run_ids)})
+    return set(result.scalars().all())
+
+
+# ---------------------------------------------------------------------------- other reads
 
 
 async def get_thread(session: AsyncSession, *, user_id: str, thread_id: str) -> Thread | None:
@@ -69,44 +289,6 @@ async def list_threads(
     return (await session.scalars(statement)).all()
 
 
-async def touch_thread(session: AsyncSession, *, thread_id: str) -> None:
-    await session.execute(update(Thread).where(Thread.id == thread_id).values(updated_at=utcnow()))
-
-
-async def find_by_client_id(
-    session: AsyncSession, *, user_id: str, client_message_id: str
-) -> Message | None:
-    statement = select(Message).where(
-        Message.user_id == user_id, Message.client_message_id == client_message_id
-    )
-    return (await session.scalars(statement)).first()
-
-
-async def add_message(
-    session: AsyncSession,
-    *,
-    thread_id: str,
-    user_id: str,
-    role: str,
-    content: str,
-    run_id: str | None,
-    client_message_id: str | None = None,
-    message_id: str | None = None,
-) -> Message:
-    message = Message(
-        id=message_id or new_id(),
-        thread_id=thread_id,
-        user_id=user_id,
-        role=role,
-        content=content,
-        client_message_id=client_message_id,
-        run_id=run_id,
-        created_at=utcnow(),
-    )
-    session.add(message)
-    return message
-
-
 async def list_messages(
     session: AsyncSession, *, thread_id: str, limit: int | None = None
 ) -> Sequence[Message]:
@@ -116,26 +298,6 @@ async def list_messages(
     if limit is not None:
         statement = statement.limit(limit)
     return (await session.scalars(statement)).all()
-
-
-class HistoryEntry(Protocol):
-    id: str
-    role: str
-    content: str
-
-
-async def recent_history(
-    session: AsyncSession, *, thread_id: str, limit: int
-) -> Sequence[HistoryEntry]:
-    """The thread's newest `limit` messages, newest first: only the columns the model reads
-    (plain rows, not ORM objects, which cost more to build than the query; read per run)."""
-    statement = (
-        select(Message.id, Message.role, Message.content)
-        .where(Message.thread_id == thread_id)
-        .order_by(Message.created_at.desc())
-        .limit(limit)
-    )
-    return cast(Sequence[HistoryEntry], (await session.execute(statement)).all())
 
 
 async def search_messages(
@@ -155,68 +317,12 @@ async def search_messages(
     return (await session.scalars(statement)).all()
 
 
-async def create_run(
-    session: AsyncSession,
-    *,
-    run_id: str,
-    thread_id: str,
-    user_id: str,
-    message_id: str,
-    agent: str,
-    instance_id: str,
-) -> Run:
-    run = Run(
-        id=run_id,
-        thread_id=thread_id,
-        user_id=user_id,
-        message_id=message_id,
-        agent=agent,
-        status="running",
-        input_tokens=0,
-        output_tokens=0,
-        instance_id=instance_id,
-        started_at=utcnow(),
-    )
-    session.add(run)
-    return run
-
-
 async def get_run(session: AsyncSession, *, user_id: str, run_id: str) -> Run | None:
     """The run if it belongs to `user_id`; else None, like `get_thread`."""
     run = await session.get(Run, run_id)
     if run is None or run.user_id != user_id:
         return None
     return run
-
-
-async def finish_run_if_running(
-    session: AsyncSession,
-    *,
-    run_id: str,
-    status: str,
-    error_code: str | None = None,
-    input_tokens: int = 0,
-    output_tokens: int = 0,
-) -> bool:
-    """End a run that is still `running`; False when it had already ended.
-
-    The `status = 'running'` condition makes this the one place where a run ends: of any number
-    of writers (the run's owner, orphan sweeps on several instances) exactly one succeeds, and
-    only that one may store the run's terminal event (in the same transaction).
-    """
-    result = await session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.status == "running")
-        .values(
-            status=status,
-            error_code=error_code,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            ended_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 async def running_runs(
@@ -304,22 +410,6 @@ async def forget_instance(session: AsyncSession, *, instance_id: str) -> bool:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-async def lock_threads(session: AsyncSession, *, thread_ids: Sequence[str]) -> None:
-    """Row-lock the threads (in id order, so that two writers cannot deadlock) until the end of
-    the transaction: whoever stores events of these threads waits for us, or we for them."""
-    statement = select(Thread.id).where(Thread.id.in_(sorted(thread_ids)))
-    # FOR NO KEY UPDATE: like the seq UPDATE that follows, it does not conflict with the key-share
-    # locks that inserting a message or run of the thread takes (FOR UPDATE would, and two
-    # instances taking intakes into one thread would deadlock).
-    await session.execute(statement.order_by(Thread.id).with_for_update(key_share=True))
-
-
-async def running_among(session: AsyncSession, *, run_ids: set[str]) -> set[str]:
-    """Which of `run_ids` are still running."""
-    statement = select(Run.id).where(Run.id.in_(run_ids), Run.status == "running")
-    return set((await session.scalars(statement)).all())
-
-
 async def events_after(
     session: AsyncSession, *, thread_id: str, after_seq: int, limit: int = 500
 ) -> Sequence[Event]:
@@ -330,25 +420,3 @@ async def events_after(
         .limit(limit)
     )
     return (await session.scalars(statement)).all()
-
-
-async def reserve_seqs(session: AsyncSession, counts: dict[str, int]) -> dict[str, int]:
-    """Take `counts[thread_id]` consecutive seqs of each thread, in one statement; returns each
-    thread's last seq taken. Row-locks the threads and marks them as updated now.
-
-    One UPDATE for the whole batch rather than one per thread: a statement is a round trip (a
-    thread hop with aiosqlite), and a batch carries events of many threads. Two PostgreSQL
-    writers cannot deadlock on it: `id IN (...)` on the primary key is an index scan that visits
-    (and locks) the rows in key order whatever order the list is in; and a deadlock that did
-    happen is a transient error the event log retries."""
-    statement = (
-        update(Thread)
-        .where(Thread.id.in_(sorted(counts)))
-        .values(last_seq=Thread.last_seq + case(counts, value=Thread.id), updated_at=utcnow())
-        .returning(Thread.id, Thread.last_seq)
-        .execution_options(synchronize_session=False)
-    )
-    taken = {row.id: int(row.last_seq) for row in await session.execute(statement)}
-    if len(taken) != len(counts):
-        raise LookupError(f"threads not found: {sorted(set(counts) - set(taken))}")
-    return taken

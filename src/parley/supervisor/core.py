@@ -165,9 +165,9 @@ class Supervisor:
             )
 
     async def _find_duplicate(self, user_id: str, client_message_id: str) -> Accepted | None:
-        async with self._db.read() as session:
+        async with self._db.read_connection() as connection:
             found = await queries.find_by_client_id(
-                session, user_id=user_id, client_message_id=client_message_id
+                connection, user_id=user_id, client_message_id=client_message_id
             )
         if found is None or found.run_id is None:
             return None
@@ -202,9 +202,9 @@ class Supervisor:
         outage = Outage(self._limits.database_outage_grace_s)
         while True:
             try:
-                async with self._db.read() as session:
+                async with self._db.read_connection() as connection:
                     return await queries.recent_history(
-                        session, thread_id=thread_id, limit=self._limits.history_messages + 1
+                        connection, thread_id=thread_id, limit=self._limits.history_messages + 1
                     )
             except Exception as exc:
                 if not is_transient(exc):
