@@ -197,9 +197,13 @@ async def test_http_api_hides_other_users_threads_and_requires_a_token(
                 assert refused.headers["www-authenticate"] == "Bearer", path
 
 
-def metric(text: str, name: str) -> float:
-    """The value of one sample line `name value` in Prometheus text."""
-    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+def metric(text: str, name: str, absent: float | None = None) -> float:
+    """The value of one sample line `name value` in Prometheus text; `absent` when there is
+    no such line (a labelled counter appears at its first count), else that is an error."""
+    line = next((line for line in text.splitlines() if line.startswith(name + " ")), None)
+    if line is None:
+        assert absent is not None, f"no sample {name}"
+        return absent
     return float(line.split()[-1])
 
 
@@ -223,4 +227,5 @@ async def test_health_and_metrics(server: ServerProcess) -> None:
     assert metrics.headers["content-type"].startswith("text/plain")
     assert metric(metrics.text, "parley_connections_open") >= 1  # this test's connection
     completed = 'parley_runs_total{outcome="completed"}'
-    assert metric(metrics.text, completed) == metric(before, completed) + 1
+    # Before this test's run, no run may have completed yet on the shared server.
+    assert metric(metrics.text, completed) == metric(before, completed, absent=0.0) + 1
