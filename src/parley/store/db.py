@@ -4,22 +4,30 @@ SQLite (the embedded default) runs in WAL mode. Its write transactions start wit
 `BEGIN IMMEDIATE` on a separate writer engine: a deferred transaction that reads and then
 writes fails at once with "database is locked" when another writer got in between, whereas
 an immediate one simply waits for the lock (busy_timeout). PostgreSQL uses one engine for both.
+
+The hot path (the event log's group commit, a run's reads) hands a whole transaction to
+`run_write` / `run_read` as one synchronous function of a Core connection. On PostgreSQL it
+runs on the async engine (`run_sync`). On SQLite it runs whole in a database thread, on a
+synchronous engine: the asyncio driver (aiosqlite) hops to its thread and back once per
+statement, and a batch is a dozen statements, each hop waking the event loop and contending
+for the GIL (measured in bench/README.md). One thread does every write, in order, which is
+also how SQLite wants its writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
-    AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
@@ -39,10 +47,15 @@ _SQLITE_PRAGMAS = (
 # PostgreSQL ends such a session after this long.
 _POSTGRES_SETTINGS = {"idle_in_transaction_session_timeout": "5000"}
 
+# Threads (and pooled connections) for SQLite's synchronous reads on the hot path.
+_SQLITE_READ_THREADS = 4
+
+T = TypeVar("T")
+
 
 class Database:
     """Owns the engines. `read()` and `write()` each yield a session in one transaction;
-    `read_connection()` and `write_connection()` a Core connection in one transaction."""
+    `run_read()` and `run_write()` run a function of a Core connection in one transaction."""
 
     def __init__(self, url: str):
         self.url = make_url(url)
@@ -53,8 +66,21 @@ class Database:
             # the read itself.
             self._reader = create_async_engine(url, pool_size=32, max_overflow=32)
             self._writer = create_async_engine(url, pool_size=2, max_overflow=2)
-            _configure_sqlite(self._reader, immediate=False)
-            _configure_sqlite(self._writer, immediate=True)
+            _configure_sqlite(self._reader.sync_engine, immediate=False)
+            _configure_sqlite(self._writer.sync_engine, immediate=True)
+            sync_url = self.url.set(drivername="sqlite")
+            self._sync_reader: Engine | None = create_engine(
+                sync_url, pool_size=_SQLITE_READ_THREADS, max_overflow=0
+            )
+            self._sync_writer: Engine | None = create_engine(sync_url, pool_size=1, max_overflow=0)
+            _configure_sqlite(self._sync_reader, immediate=False)
+            _configure_sqlite(self._sync_writer, immediate=True)
+            self._read_threads: ThreadPoolExecutor | None = ThreadPoolExecutor(
+                _SQLITE_READ_THREADS, thread_name_prefix="sqlite-read"
+            )
+            self._write_thread: ThreadPoolExecutor | None = ThreadPoolExecutor(
+                1, thread_name_prefix="sqlite-write"
+            )
         else:
             self._reader = create_async_engine(
                 url,
@@ -64,6 +90,8 @@ class Database:
                 connect_args={"server_settings": _POSTGRES_SETTINGS},
             )
             self._writer = self._reader
+            self._sync_reader = self._sync_writer = None
+            self._read_threads = self._write_thread = None
         self._read_sessions = async_sessionmaker(self._reader, expire_on_commit=False)
         self._write_sessions = async_sessionmaker(self._writer, expire_on_commit=False)
 
@@ -83,18 +111,20 @@ class Database:
         async with self._write_sessions() as session, session.begin():
             yield session
 
-    # The hot path (the event log's writer, a run's reads) uses plain connections and Core
-    # statements: an ORM session's unit of work, identity map and statement coercions cost more
-    # CPU than the statements themselves (profiled in bench/README.md).
-    @asynccontextmanager
-    async def read_connection(self) -> AsyncIterator[AsyncConnection]:
+    async def run_read(self, work: Callable[[Connection], T]) -> T:
+        """`work(connection)` in one read transaction (see the module's docstring)."""
+        if self._sync_reader is not None:
+            return await _in_thread(self._read_threads, self._sync_reader, work)
         async with self._reader.begin() as connection:
-            yield connection
+            return await connection.run_sync(work)
 
-    @asynccontextmanager
-    async def write_connection(self) -> AsyncIterator[AsyncConnection]:
+    async def run_write(self, work: Callable[[Connection], T]) -> T:
+        """`work(connection)` in one write transaction, committed when it returns and rolled
+        back when it raises (see the module's docstring)."""
+        if self._sync_writer is not None:
+            return await _in_thread(self._write_thread, self._sync_writer, work)
         async with self._writer.begin() as connection:
-            yield connection
+            return await connection.run_sync(work)
 
     async def ping(self) -> None:
         """A real round trip; raises when the database cannot answer."""
@@ -114,10 +144,30 @@ class Database:
         await self._reader.dispose()
         if self._writer is not self._reader:
             await self._writer.dispose()
+        for threads in (self._read_threads, self._write_thread):
+            if threads is not None:
+                threads.shutdown(wait=True)
+        for engine in (self._sync_reader, self._sync_writer):
+            if engine is not None:
+                engine.dispose()
 
 
-def _configure_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+async def _in_thread(
+    threads: ThreadPoolExecutor | None, engine: Engine, work: Callable[[Connection], T]
+) -> T:
+    """Run `work` in one transaction of `engine`, in one of `threads`. Once started, the
+    transaction runs to its end (commit or rollback) even if the awaiting task is cancelled:
+    a thread cannot be interrupted, and the caller owns what a cancelled write did."""
+
+    def transaction() -> T:
+        with engine.begin() as connection:
+            return work(connection)
+
+    return await asyncio.get_running_loop().run_in_executor(threads, transaction)
+
+
+def _configure_sqlite(engine: Engine, *, immediate: bool) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below decide how transactions start.
         dbapi_connection.isolation_level = None
@@ -126,7 +176,7 @@ def _configure_sqlite(engine: AsyncEngine, *, immediate: bool) -> None:
             cursor.execute(pragma)
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 

@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from parley.bus import Delivery, EventBus
 from parley.errors import NotFound, StorageUnavailable, Unavailable
@@ -128,6 +128,7 @@ class EventLog:
         self._outage = Outage(outage_grace_s)
         self._backlog_limit = backlog_limit
         self._retrying: list[_Work] = []  # the batch waiting for the database, if any
+        self._writing: asyncio.Future[None] | None = None  # the batch being written
         self._flushing = False
 
     def submit(self, user_id: str, event: E) -> asyncio.Future[E]:
@@ -188,16 +189,19 @@ class EventLog:
                 while len(batch) < MAX_BATCH and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
                 self._metrics.eventlog_queue_depth.set(self._queue.qsize())
-                await self._write_batch(batch)
+                # A batch, once taken, is written to its end even if the writer is cancelled
+                # (at shutdown): its transaction may be committing in a database thread, and
+                # its events must still be published and its submitters answered.
+                self._writing = asyncio.ensure_future(self._write_batch(batch))
+                await asyncio.shield(self._writing)
         finally:
             self._closed = True
 
     async def flush(self) -> None:
         """Write everything queued now (used at shutdown, after the writer task stopped)."""
         self._flushing = True  # past the grace, nothing waits for the database any more
-        pending, self._retrying = self._retrying, []
-        if pending:
-            await self._write_batch(pending)
+        if self._writing is not None:
+            await self._writing  # the batch under way when the writer stopped, to its end
         while not self._queue.empty():
             batch: list[_Work] = []
             while len(batch) < MAX_BATCH and not self._queue.empty():
@@ -290,65 +294,9 @@ class EventLog:
     async def _persist(
         self, batch: list[_Work]
     ) -> tuple[list[Any], list[tuple[str, RunEvent, str]]]:
-        """One transaction for the batch. Returns each work's result (in order) and the stored
-        events with their frames (in seq order per thread)."""
-        results: list[Any] = []
-        to_store: list[tuple[_Work, RunEvent]] = []
-        async with self._db.write_connection() as connection:
-            for work in batch:
-                item = work.item
-                if isinstance(item, Intake):
-                    accepted, started = await _accept(connection, item)
-                    results.append(accepted)
-                    if started is not None:
-                        to_store.append((work, started))
-                elif isinstance(item, Finish):
-                    ended = await _finish(connection, item)
-                    results.append(None)
-                    if ended:
-                        to_store.append((work, item.event))
-                else:
-                    results.append(None)
-                    to_store.append((work, item))
-            if not self._db.is_sqlite:  # SQLite has one instance: no peer ends its runs
-                to_store = await _fence(connection, batch, results, to_store)
-            stored = await _insert_events(connection, [event for _, event in to_store])
-        by_work = {id(work): event for (work, _), (event, _f) in zip(to_store, stored, strict=True)}
-        for index, work in enumerate(batch):
-            if not isinstance(results[index], Accepted | BaseException) and id(work) in by_work:
-                results[index] = by_work[id(work)]
-        deliveries = [
-            (work.user_id, event, frame)
-            for (work, _), (event, frame) in zip(to_store, stored, strict=True)
-        ]
-        return results, deliveries
-
-
-async def _fence(
-    connection: AsyncConnection,
-    batch: list[_Work],
-    results: list[Any],
-    to_store: list[tuple[_Work, RunEvent]],
-) -> list[tuple[_Work, RunEvent]]:
-    """Drop the progress events of runs that have ended: an instance paused past its lease
-    may still hold events of runs that a peer has ended since (see supervisor/leases.py), and
-    they must not follow the terminal event. The threads are locked first: a peer's terminal
-    event either committed before our check (we see the run ended) or waits for our commit
-    (and gets a later seq)."""
-    progress = {e.run_id for _, e in to_store if not isinstance(e, TerminalEvent | AgentStarted)}
-    if not progress:
-        return to_store
-    await queries.lock_threads(connection, thread_ids=list({e.thread_id for _, e in to_store}))
-    # Runs that ended in this very transaction (their own Finish won) keep their events.
-    ended_here = {e.run_id for _, e in to_store if isinstance(e, TerminalEvent)}
-    live = await queries.running_among(connection, run_ids=progress) | ended_here
-    kept = []
-    for work, event in to_store:
-        if isinstance(event, TerminalEvent | AgentStarted) or event.run_id in live:
-            kept.append((work, event))
-        else:
-            results[batch.index(work)] = NotFound(f"run {event.run_id} has already ended")
-    return kept
+        """One transaction for the batch (see `_persist_batch`)."""
+        fence = not self._db.is_sqlite  # SQLite has one instance: no peer ends its runs
+        return await self._db.run_write(lambda connection: _persist_batch(connection, batch, fence))
 
 
 def _fail(works: list[_Work], error: Exception) -> None:
@@ -366,31 +314,99 @@ def _notify_stored(intake: Intake, accepted: Accepted) -> None:
         log.exception("eventlog.on_stored_failed", run_id=accepted.run_id)
 
 
+# ---------------------------------------------------------------------------- one transaction
+# Synchronous: a batch's transaction runs whole inside `Database.run_write` (on SQLite in the
+# database thread), so nothing here may touch the event loop (the works' futures included).
+
+
+def _persist_batch(
+    connection: Connection, batch: list[_Work], fence: bool
+) -> tuple[list[Any], list[tuple[str, RunEvent, str]]]:
+    """Store the batch. Returns each work's result (in order) and the stored events with their
+    frames (in seq order per thread)."""
+    results: list[Any] = []
+    to_store: list[tuple[_Work, RunEvent]] = []
+    for work in batch:
+        item = work.item
+        if isinstance(item, Intake):
+            accepted, started = _accept(connection, item)
+            results.append(accepted)
+            if started is not None:
+                to_store.append((work, started))
+        elif isinstance(item, Finish):
+            ended = _finish(connection, item)
+            results.append(None)
+            if ended:
+                to_store.append((work, item.event))
+        else:
+            results.append(None)
+            to_store.append((work, item))
+    if fence:
+        to_store = _fence(connection, batch, results, to_store)
+    stored = _insert_events(connection, [event for _, event in to_store])
+    by_work = {id(work): event for (work, _), (event, _f) in zip(to_store, stored, strict=True)}
+    for index, work in enumerate(batch):
+        if not isinstance(results[index], Accepted | BaseException) and id(work) in by_work:
+            results[index] = by_work[id(work)]
+    deliveries = [
+        (work.user_id, event, frame)
+        for (work, _), (event, frame) in zip(to_store, stored, strict=True)
+    ]
+    return results, deliveries
+
+
+def _fence(
+    connection: Connection,
+    batch: list[_Work],
+    results: list[Any],
+    to_store: list[tuple[_Work, RunEvent]],
+) -> list[tuple[_Work, RunEvent]]:
+    """Drop the progress events of runs that have ended: an instance paused past its lease
+    may still hold events of runs that a peer has ended since (see supervisor/leases.py), and
+    they must not follow the terminal event. The threads are locked first: a peer's terminal
+    event either committed before our check (we see the run ended) or waits for our commit
+    (and gets a later seq)."""
+    progress = {e.run_id for _, e in to_store if not isinstance(e, TerminalEvent | AgentStarted)}
+    if not progress:
+        return to_store
+    queries.lock_threads(connection, thread_ids=list({e.thread_id for _, e in to_store}))
+    # Runs that ended in this very transaction (their own Finish won) keep their events.
+    ended_here = {e.run_id for _, e in to_store if isinstance(e, TerminalEvent)}
+    live = queries.running_among(connection, run_ids=progress) | ended_here
+    kept = []
+    for work, event in to_store:
+        if isinstance(event, TerminalEvent | AgentStarted) or event.run_id in live:
+            kept.append((work, event))
+        else:
+            results[batch.index(work)] = NotFound(f"run {event.run_id} has already ended")
+    return kept
+
+
 # ---------------------------------------------------------------------------- store steps
 
 
-async def _accept(
-    connection: AsyncConnection, intake: Intake
+def _accept(
+    connection: Connection, intake: Intake
 ) -> tuple[Accepted | BaseException, AgentStarted | None]:
     """The intake's rows, or the reason it was refused (returned, so the rest of the batch
     still commits). A duplicate client_message_id answers with what was accepted before."""
     if intake.client_message_id is not None:
-        previous = await _previous(connection, intake)
+        previous = _previous(connection, intake)
         if previous is not None:
             return previous, None
     try:
         if intake.client_message_id is None:
-            thread_id = await _intake_rows(connection, intake)
+            thread_id = _intake_rows(connection, intake)
         else:
             # A savepoint: a client_message_id racing in from another instance fails only this
             # one. (Without a client_message_id no row can conflict, and a savepoint costs two
             # statements.) A thread that is not the user's is found before any row is written.
-            async with connection.begin_nested():
-                thread_id = await _intake_rows(connection, intake)
+            with connection.begin_nested():
+                thread_id = _intake_rows(connection, intake)
     except NotFound as exc:
         return exc, None
     except IntegrityError:
-        previous = await _previous(connection, intake)
+        previous = _previous(connection, intake)
         if previous is None:
             raise
         return previous, None
@@ -403,9 +419,9 @@ async def _accept(
     return accepted, started
 
 
-async def _previous(connection: AsyncConnection, intake: Intake) -> Accepted | None:
+def _previous(connection: Connection, intake: Intake) -> Accepted | None:
     assert intake.client_message_id is not None
-    found = await queries.find_by_client_id(
+    found = queries.find_by_client_id(
         connection, user_id=intake.user_id, client_message_id=intake.client_message_id
     )
     if found is None or found.run_id is None:
@@ -415,19 +431,17 @@ async def _previous(connection: AsyncConnection, intake: Intake) -> Accepted | N
     )
 
 
-async def _intake_rows(connection: AsyncConnection, intake: Intake) -> str:
+def _intake_rows(connection: Connection, intake: Intake) -> str:
     if intake.thread_id is None:
-        await queries.ensure_user(connection, user_id=intake.user_id)
-        thread_id = await queries.create_thread(
-            connection, user_id=intake.user_id, title=intake.content
-        )
+        queries.ensure_user(connection, user_id=intake.user_id)
+        thread_id = queries.create_thread(connection, user_id=intake.user_id, title=intake.content)
     else:
         # An existing thread of the user's: the user row exists too.
-        owner = await queries.thread_owner(connection, thread_id=intake.thread_id)
+        owner = queries.thread_owner(connection, thread_id=intake.thread_id)
         if owner != intake.user_id:  # someone else's or none: the same answer
             raise NotFound(f"thread {intake.thread_id} not found")
         thread_id = intake.thread_id
-    await queries.add_message(
+    queries.add_message(
         connection,
         thread_id=thread_id,
         user_id=intake.user_id,
@@ -437,7 +451,7 @@ async def _intake_rows(connection: AsyncConnection, intake: Intake) -> str:
         run_id=intake.run_id,
         message_id=intake.message_id,
     )
-    await queries.create_run(
+    queries.create_run(
         connection,
         run_id=intake.run_id,
         thread_id=thread_id,
@@ -449,9 +463,9 @@ async def _intake_rows(connection: AsyncConnection, intake: Intake) -> str:
     return thread_id
 
 
-async def _finish(connection: AsyncConnection, finish: Finish) -> bool:
+def _finish(connection: Connection, finish: Finish) -> bool:
     usage = finish.usage or Usage()
-    ended = await queries.finish_run_if_running(
+    ended = queries.finish_run_if_running(
         connection,
         run_id=finish.event.run_id,
         status=finish.status,
@@ -461,7 +475,7 @@ async def _finish(connection: AsyncConnection, finish: Finish) -> bool:
     )
     if ended and finish.answer is not None:
         message_id = getattr(finish.event, "message_id", None) or queries.new_id()
-        await queries.add_message(
+        queries.add_message(
             connection,
             thread_id=finish.event.thread_id,
             user_id=finish.user_id,
@@ -473,16 +487,14 @@ async def _finish(connection: AsyncConnection, finish: Finish) -> bool:
     return ended
 
 
-async def _insert_events(
-    connection: AsyncConnection, events: list[RunEvent]
-) -> list[tuple[RunEvent, str]]:
+def _insert_events(connection: Connection, events: list[RunEvent]) -> list[tuple[RunEvent, str]]:
     """Give each event its seq and id and insert them; returns them with their frames."""
     if not events:
         return []
     counts: dict[str, int] = {}
     for event in events:
         counts[event.thread_id] = counts.get(event.thread_id, 0) + 1
-    last = await queries.reserve_seqs(connection, counts)
+    last = queries.reserve_seqs(connection, counts)
     next_seq = {thread_id: last[thread_id] - count + 1 for thread_id, count in counts.items()}
     stored: list[tuple[RunEvent, str]] = []
     rows: list[dict[str, object]] = []
@@ -504,5 +516,5 @@ async def _insert_events(
                 "created_at": now,
             }
         )
-    await queries.insert_events(connection, rows)
+    queries.insert_events(connection, rows)
     return stored

@@ -13,7 +13,8 @@ from sqlalchemy import Interval, bindparam, case, delete, exists, func, select, 
 from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.store.models import Base, Event, Instance, Message, Run, Thread, utcnow
 
@@ -24,7 +25,8 @@ THREAD_TITLE_CHARS = 80
 # What a run does on every message (the event log's writer, the run's own reads) is written as
 # SQLAlchemy Core statements built once, here, and executed on a plain connection with bound
 # parameters: building a statement per call (coercions, cache key) and the ORM's unit of work
-# cost several times the statement itself (see bench/README.md).
+# cost several times the statement itself (see bench/README.md). These functions are
+# synchronous: they run inside `Database.run_write` / `run_read`, a whole transaction at once.
 
 USERS = Base.metadata.tables["users"]
 THREADS = Base.metadata.tables["threads"]
@@ -86,13 +88,13 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-async def ensure_user(connection: AsyncConnection, *, user_id: str) -> None:
+def ensure_user(connection: Connection, *, user_id: str) -> None:
     statement = _INSERT_USER.get(connection.dialect.name, _INSERT_USER["sqlite"])
-    await connection.execute(statement, {"id": user_id, "created_at": utcnow()})
+    connection.execute(statement, {"id": user_id, "created_at": utcnow()})
 
 
-async def create_thread(
-    connection: AsyncConnection, *, user_id: str, title: str, thread_id: str | None = None
+def create_thread(
+    connection: Connection, *, user_id: str, title: str, thread_id: str | None = None
 ) -> str:
     thread_id = thread_id or new_id()
     now = utcnow()
@@ -104,13 +106,13 @@ async def create_thread(
         "created_at": now,
         "updated_at": now,
     }
-    await connection.execute(_INSERT_THREAD, row)
+    connection.execute(_INSERT_THREAD, row)
     return thread_id
 
 
-async def thread_owner(connection: AsyncConnection, *, thread_id: str) -> str | None:
+def thread_owner(connection: Connection, *, thread_id: str) -> str | None:
     """The user the thread belongs to; None when there is no such thread."""
-    owner = (await connection.execute(_THREAD_OWNER, {"thread_id": thread_id})).scalar()
+    owner = (connection.execute(_THREAD_OWNER, {"thread_id": thread_id})).scalar()
     return None if owner is None else str(owner)
 
 
@@ -120,16 +122,16 @@ class StoredMessage(Protocol):
     run_id: str | None
 
 
-async def find_by_client_id(
-    connection: AsyncConnection, *, user_id: str, client_message_id: str
+def find_by_client_id(
+    connection: Connection, *, user_id: str, client_message_id: str
 ) -> StoredMessage | None:
     """The user's message with this client_message_id: its id, thread_id and run_id."""
     params = {"user_id": user_id, "client_message_id": client_message_id}
-    return cast(StoredMessage | None, (await connection.execute(_BY_CLIENT_ID, params)).first())
+    return cast(StoredMessage | None, (connection.execute(_BY_CLIENT_ID, params)).first())
 
 
-async def add_message(
-    connection: AsyncConnection,
+def add_message(
+    connection: Connection,
     *,
     thread_id: str,
     user_id: str,
@@ -150,12 +152,12 @@ async def add_message(
         "run_id": run_id,
         "created_at": utcnow(),
     }
-    await connection.execute(_INSERT_MESSAGE, row)
+    connection.execute(_INSERT_MESSAGE, row)
     return message_id
 
 
-async def create_run(
-    connection: AsyncConnection,
+def create_run(
+    connection: Connection,
     *,
     run_id: str,
     thread_id: str,
@@ -178,11 +180,11 @@ async def create_run(
         "started_at": utcnow(),
         "ended_at": None,
     }
-    await connection.execute(_INSERT_RUN, row)
+    connection.execute(_INSERT_RUN, row)
 
 
-async def finish_run_if_running(
-    connection: AsyncConnection,
+def finish_run_if_running(
+    connection: Connection,
     *,
     run_id: str,
     status: str,
@@ -204,7 +206,7 @@ async def finish_run_if_running(
         "b_output_tokens": output_tokens,
         "b_ended_at": utcnow(),
     }
-    return (await connection.execute(_END_RUN, params)).rowcount == 1
+    return (connection.execute(_END_RUN, params)).rowcount == 1
 
 
 class HistoryEntry(Protocol):
@@ -213,19 +215,17 @@ class HistoryEntry(Protocol):
     content: str
 
 
-async def recent_history(
-    connection: AsyncConnection, *, thread_id: str, limit: int
-) -> Sequence[HistoryEntry]:
+def recent_history(connection: Connection, *, thread_id: str, limit: int) -> Sequence[HistoryEntry]:
     """The thread's newest `limit` messages, newest first: only the columns the model reads."""
-    result = await connection.execute(_RECENT_HISTORY, {"thread_id": thread_id, "limit": limit})
+    result = connection.execute(_RECENT_HISTORY, {"thread_id": thread_id, "limit": limit})
     return cast(Sequence[HistoryEntry], result.all())
 
 
-async def insert_events(connection: AsyncConnection, rows: list[dict[str, object]]) -> None:
-    await connection.execute(_INSERT_EVENTS, rows)
+def insert_events(connection: Connection, rows: list[dict[str, object]]) -> None:
+    connection.execute(_INSERT_EVENTS, rows)
 
 
-async def reserve_seqs(connection: AsyncConnection, counts: dict[str, int]) -> dict[str, int]:
+def reserve_seqs(connection: Connection, counts: dict[str, int]) -> dict[str, int]:
     """Take `counts[thread_id]` consecutive seqs of each thread, in one statement; returns each
     thread's last seq taken. Row-locks the threads and marks them as updated now.
 
@@ -237,7 +237,7 @@ async def reserve_seqs(connection: AsyncConnection, counts: dict[str, int]) -> d
     if len(counts) == 1:  # the common case, with a statement built once
         ((thread_id, count),) = counts.items()
         params = {"thread_id": thread_id, "b_count": count, "b_now": utcnow()}
-        last = (await connection.execute(_RESERVE_ONE, params)).scalar()
+        last = (connection.execute(_RESERVE_ONE, params)).scalar()
         if last is None:
             raise LookupError(f"thread not found: {thread_id}")
         return {thread_id: int(last)}
@@ -247,21 +247,21 @@ async def reserve_seqs(connection: AsyncConnection, counts: dict[str, int]) -> d
         .values(last_seq=THREADS.c.last_seq + case(counts, value=THREADS.c.id), updated_at=utcnow())
         .returning(THREADS.c.id, THREADS.c.last_seq)
     )
-    taken = {row.id: int(row.last_seq) for row in await connection.execute(statement)}
+    taken = {row.id: int(row.last_seq) for row in connection.execute(statement)}
     if len(taken) != len(counts):
         raise LookupError(f"threads not found: {sorted(set(counts) - set(taken))}")
     return taken
 
 
-async def lock_threads(connection: AsyncConnection, *, thread_ids: Sequence[str]) -> None:
+def lock_threads(connection: Connection, *, thread_ids: Sequence[str]) -> None:
     """Row-lock the threads (in id order, so that two writers cannot deadlock) until the end of
     the transaction: whoever stores events of these threads waits for us, or we for them."""
-    await connection.execute(_LOCK_THREADS, {"thread_ids": sorted(thread_ids)})
+    connection.execute(_LOCK_THREADS, {"thread_ids": sorted(thread_ids)})
 
 
-async def running_among(connection: AsyncConnection, *, run_ids: set[str]) -> set[str]:
+def running_among(connection: Connection, *, run_ids: set[str]) -> set[str]:
     """Which of `run_ids` are still running."""
-    result = await connection.execute(_RUNNING_AMONG, {"run_ids": list(run_ids)})
+    result = connection.execute(_RUNNING_AMONG, {"run_ids": list(run_ids)})
     return set(result.scalars().all())
 
 

@@ -165,10 +165,11 @@ class Supervisor:
             )
 
     async def _find_duplicate(self, user_id: str, client_message_id: str) -> Accepted | None:
-        async with self._db.read_connection() as connection:
-            found = await queries.find_by_client_id(
+        found = await self._db.run_read(
+            lambda connection: queries.find_by_client_id(
                 connection, user_id=user_id, client_message_id=client_message_id
             )
+        )
         if found is None or found.run_id is None:
             return None
         return Accepted(client_message_id, found.thread_id, found.id, found.run_id, duplicate=True)
@@ -202,10 +203,11 @@ class Supervisor:
         outage = Outage(self._limits.database_outage_grace_s)
         while True:
             try:
-                async with self._db.read_connection() as connection:
-                    return await queries.recent_history(
+                return await self._db.run_read(
+                    lambda connection: queries.recent_history(
                         connection, thread_id=thread_id, limit=self._limits.history_messages + 1
                     )
+                )
             except Exception as exc:
                 if not is_transient(exc):
                     raise
