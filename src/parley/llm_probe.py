@@ -94,10 +94,11 @@ class Prober:
     def _classify(self, exc: Exception) -> ProbeFailed:
         where = self.endpoint
         if isinstance(exc, openai.APIConnectionError | TimeoutError):
-            cause = exc.__cause__ or exc
-            what = "did not answer in time" if _is_timeout(exc) else "is unreachable"
+            causes = _causes(exc)
+            timed_out = any(isinstance(cause, TimeoutError) for cause in causes)
+            what = "did not answer in time" if timed_out else "is unreachable"
             return ProbeFailed(
-                f"{where} {what} ({type(cause).__name__})", kind="unreachable", transient=True
+                f"{where} {what} ({type(causes[-1]).__name__})", kind="unreachable", transient=True
             )
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
@@ -129,8 +130,14 @@ class Prober:
         )
 
 
-def _is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, openai.APITimeoutError | TimeoutError)
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and the chain of exceptions that caused it, the root last. The root tells a timeout
+    (a `TimeoutError`) from a refused or dropped connection: the SDK's names do not, because
+    its aiohttp transport reports every failed connection as a `ConnectTimeout`."""
+    chain = [exc]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) and cause not in chain:
+        chain.append(cause)
+    return chain
 
 
 def _now() -> str:
