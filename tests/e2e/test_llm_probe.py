@@ -52,7 +52,8 @@ def staging_env(tmp_path: Path, base_url: str, **extra: str) -> dict[str, str]:
 def serve_until_exit(tmp_path: Path, env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
     """`parley serve` that is expected to fail startup: its exit code and all it printed.
     On port 0 (the kernel picks a free one, should it get that far): no port to race for."""
-    full = base_env(tmp_path / "data", PORT="0", **env)
+    # A wide terminal, so the startup table does not wrap the details the tests read in it.
+    full = base_env(tmp_path / "data", PORT="0", COLUMNS="250", **env)
     done = subprocess.run(
         parley_command("serve"),
         env=full,

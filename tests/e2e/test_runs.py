@@ -389,14 +389,18 @@ async def test_unreachable_provider_ends_runs_with_llm_unavailable_then_circuit_
 async def test_circuit_closes_again_after_its_reset_time_and_readiness_returns_to_200(
     spawn: SpawnServer, fake_llm: FakeLLM
 ) -> None:
-    server = spawn(LLM_CIRCUIT_FAILURE_THRESHOLD="2", LLM_CIRCUIT_RESET_S="1")
+    # The circuit stays open for 3 s: longer than readiness is cached (up to 1 s), so the poll
+    # below sees it open before it turns half-open.
+    server = spawn(LLM_CIRCUIT_FAILURE_THRESHOLD="2", LLM_CIRCUIT_RESET_S="3")
     t = fake_llm.script(trigger(), HttpError(500))
     async with server.connect(unique_user()) as client:
         for _ in range(2):
             accepted = await client.ask(f"down {t}")
             await client.run_events(accepted["run_id"])
+        opened = time.monotonic()
         down = await poll_readiness(server, 503)
-        await asyncio.sleep(1.2)  # past LLM_CIRCUIT_RESET_S: the next request is a trial
+        # Past LLM_CIRCUIT_RESET_S: the next request is a trial.
+        await asyncio.sleep(max(0.0, opened + 3.2 - time.monotonic()))
         accepted = await client.ask("is the provider back?")
         events = await client.run_events(accepted["run_id"])
         up = await poll_readiness(server, 200)
