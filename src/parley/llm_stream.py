@@ -1,7 +1,8 @@
 """One streamed chat-completions request to an OpenAI-compatible model: the hot path per token.
 
-The request itself goes through the OpenAI SDK (authentication, retries with backoff and
-`Retry-After`, timeouts, error types); its body is read here, line by line, with `json.loads`.
+The request itself goes through the OpenAI SDK's client (authentication, retries with backoff
+and `Retry-After`, timeouts, error types); its body is read here, line by line, with
+`json.loads`.
 Why not the SDK's chunk objects or pydantic-ai's streamed response: a streamed token is the
 unit of work a chat server does most, and building a pydantic `ChatCompletionChunk` plus
 pydantic-ai's part/event objects and its stack of async-iterator wrappers cost about ten times
@@ -16,7 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx2
 from openai import AsyncOpenAI
+
+# The SDK's request header for "hand me the response with its body unread" (the one its
+# `with_streaming_response` sets; `openai._constants.RAW_RESPONSE_HEADER`).
+RAW_STREAM_HEADER = "X-Stainless-Raw-Response"
 
 
 class StreamFailed(Exception):
@@ -61,20 +67,31 @@ async def stream_step(
     reasoning: list[str] = []
     calls: dict[int, ToolCallRequest] = {}
     usage: dict[str, Any] = {}
-    # The messages, tools and settings are plain dicts of the documented shape and go into the
-    # JSON body as they are (`extra_body` is merged over the typed parameters): the SDK's
-    # recursive transform of typed parameters costs more CPU than the rest of a short run.
-    body: dict[str, Any] = {"messages": messages, **settings}
+    # The messages, tools and settings are plain dicts of the documented shape, and the body
+    # goes out as it is, through the client's generic `post` (the SDK's documented way to make
+    # a request its typed methods do not cover): its typed `chat.completions.create` walks every
+    # one of its ~45 parameters' annotations on each call, which cost more CPU than the rest of
+    # a short run (bench/README.md). Authentication, retries with backoff and `Retry-After`,
+    # timeouts and the error types are the SDK's, as with the typed method.
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **settings,
+    }
     if tools:
         body["tools"] = tools
-    async with client.chat.completions.with_streaming_response.create(
-        model=model,
-        messages=[],
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body=body,
-    ) as response:
-        async for line in response.iter_lines():
+    response = await client.post(
+        "/chat/completions",
+        cast_to=httpx2.Response,
+        body=body,
+        # The header asks for the body unread (as `with_streaming_response` does); it is read
+        # here, line by line, and the response is closed below.
+        options={"headers": {RAW_STREAM_HEADER: "stream"}, "security": {"bearer_auth": True}},
+    )
+    try:
+        async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators, comments, `event:` lines
             data = line[5:].strip()
@@ -99,6 +116,8 @@ async def stream_step(
                     on_text(content)
                 for call in delta.get("tool_calls") or ():
                     _add_tool_call_delta(calls, call)
+    finally:
+        await response.aclose()
     if reasoning:
         await on_reasoning("".join(reasoning))
     return StepResult(
