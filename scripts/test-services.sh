@@ -3,7 +3,9 @@
 # PARLEY_TEST_POSTGRES_URL / PARLEY_TEST_REDIS_URL. Source it: `. scripts/test-services.sh start`.
 # Where a server is not installed, its variable stays unset and those tests are skipped,
 # except under CI=true, where they fail instead (see tests/conftest.py).
-PG_PORT=${PARLEY_TEST_PG_PORT:-54329}
+# Both ports lie outside Linux's default ephemeral range (32768-60999), so no outgoing
+# connection of the suite can be holding one of them as its source port when a server starts.
+PG_PORT=${PARLEY_TEST_PG_PORT:-25432}
 REDIS_PORT=${PARLEY_TEST_REDIS_PORT:-63799}
 BASE=${PARLEY_TEST_SERVICES_DIR:-/tmp/parley-test-services}
 
@@ -22,6 +24,10 @@ _start_postgres() {
     mkdir -p "$data"
     [ "$(id -u)" = 0 ] && chown postgres "$data"
     _as_postgres "$bin/initdb -D $data -U postgres --auth=trust -E UTF8 >/dev/null" || return 1
+  fi
+  if _as_postgres "$bin/pg_ctl -D $data status >/dev/null 2>&1" &&
+     [ "$(sed -n 4p "$data/postmaster.pid" 2>/dev/null)" != "$PG_PORT" ]; then
+    _as_postgres "$bin/pg_ctl -D $data -m fast -w stop >/dev/null"  # running on another port
   fi
   if ! _as_postgres "$bin/pg_ctl -D $data status >/dev/null 2>&1"; then
     _as_postgres "$bin/pg_ctl -D $data -w -l $data/log -o '-p $PG_PORT -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off' start >/dev/null" || return 1
