@@ -93,10 +93,8 @@ def ensure_user(connection: Connection, *, user_id: str) -> None:
     connection.execute(statement, {"id": user_id, "created_at": utcnow()})
 
 
-def create_thread(
-    connection: Connection, *, user_id: str, title: str, thread_id: str | None = None
-) -> str:
-    thread_id = thread_id or new_id()
+def create_thread(connection: Connection, *, user_id: str, title: str) -> str:
+    thread_id = new_id()
     now = utcnow()
     row = {
         "id": thread_id,
@@ -112,7 +110,7 @@ def create_thread(
 
 def thread_owner(connection: Connection, *, thread_id: str) -> str | None:
     """The user the thread belongs to; None when there is no such thread."""
-    owner = (connection.execute(_THREAD_OWNER, {"thread_id": thread_id})).scalar()
+    owner = connection.execute(_THREAD_OWNER, {"thread_id": thread_id}).scalar()
     return None if owner is None else str(owner)
 
 
@@ -127,7 +125,7 @@ def find_by_client_id(
 ) -> StoredMessage | None:
     """The user's message with this client_message_id: its id, thread_id and run_id."""
     params = {"user_id": user_id, "client_message_id": client_message_id}
-    return cast(StoredMessage | None, (connection.execute(_BY_CLIENT_ID, params)).first())
+    return cast(StoredMessage | None, connection.execute(_BY_CLIENT_ID, params).first())
 
 
 def add_message(
@@ -206,7 +204,7 @@ def finish_run_if_running(
         "b_output_tokens": output_tokens,
         "b_ended_at": utcnow(),
     }
-    return (connection.execute(_END_RUN, params)).rowcount == 1
+    return connection.execute(_END_RUN, params).rowcount == 1
 
 
 class HistoryEntry(Protocol):
@@ -229,15 +227,15 @@ def reserve_seqs(connection: Connection, counts: dict[str, int]) -> dict[str, in
     """Take `counts[thread_id]` consecutive seqs of each thread, in one statement; returns each
     thread's last seq taken. Row-locks the threads and marks them as updated now.
 
-    One UPDATE for the whole batch rather than one per thread: a statement is a round trip (a
-    thread hop with aiosqlite), and a batch carries events of many threads. Two PostgreSQL
+    One UPDATE for the whole batch rather than one per thread: a statement is a round trip to
+    PostgreSQL, and a batch carries events of many threads. Two PostgreSQL
     writers cannot deadlock on it: `id IN (...)` on the primary key is an index scan that visits
     (and locks) the rows in key order whatever order the list is in; and a deadlock that did
     happen is a transient error the event log retries."""
     if len(counts) == 1:  # the common case, with a statement built once
         ((thread_id, count),) = counts.items()
         params = {"thread_id": thread_id, "b_count": count, "b_now": utcnow()}
-        last = (connection.execute(_RESERVE_ONE, params)).scalar()
+        last = connection.execute(_RESERVE_ONE, params).scalar()
         if last is None:
             raise LookupError(f"thread not found: {thread_id}")
         return {thread_id: int(last)}
