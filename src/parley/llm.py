@@ -43,7 +43,7 @@ from pydantic_ai.tools import RunContext
 
 from parley.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from parley.errors import LLMError, LLMUnavailable, ParleyError
-from parley.llm_probe import ProbeMonitor, Prober
+from parley.llm_probe import ProbeMonitor, Prober, exception_chain
 from parley.llm_stream import StreamFailed
 from parley.observability import Metrics
 
@@ -107,7 +107,10 @@ def _brief(exc: BaseException) -> str:
         # Never the body: some providers echo the request (and its key) in their errors.
         return f"HTTP {exc.status_code} from {_public_url(str(exc.request.url))}"
     if isinstance(exc, openai.APIConnectionError):
-        return type(exc).__name__ + (f": {exc.__cause__}" if exc.__cause__ else "")
+        # The root cause, as the probe names it: the SDK calls every failed connection a
+        # timeout (APITimeoutError) on its aiohttp transport.
+        root = exception_chain(exc)[-1]
+        return type(root).__name__ + (f": {root}" if root is not exc and str(root) else "")
     if isinstance(exc, StreamFailed):
         return f"the provider failed in the middle of its answer ({exc})"
     return type(exc).__name__ + (f": {exc}" if str(exc) else "")

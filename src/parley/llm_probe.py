@@ -94,7 +94,7 @@ class Prober:
     def _classify(self, exc: Exception) -> ProbeFailed:
         where = self.endpoint
         if isinstance(exc, openai.APIConnectionError | TimeoutError):
-            causes = _causes(exc)
+            causes = exception_chain(exc)
             timed_out = any(isinstance(cause, TimeoutError) for cause in causes)
             what = "did not answer in time" if timed_out else "is unreachable"
             return ProbeFailed(
@@ -130,7 +130,7 @@ class Prober:
         )
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
     """`exc` and the chain of exceptions that caused it, the root last. The root tells a timeout
     (a `TimeoutError`) from a refused or dropped connection: the SDK's names do not, because
     its aiohttp transport reports every failed connection as a `ConnectTimeout`."""

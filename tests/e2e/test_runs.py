@@ -377,6 +377,8 @@ async def test_unreachable_provider_ends_runs_with_llm_unavailable_then_circuit_
                 events = await client.run_events(accepted["run_id"])
                 assert events[-1]["code"] == "llm_unavailable"
                 assert "circuit" not in events[-1]["message"]
+                # Named for what happened (the transport calls it a timeout), not a timeout.
+                assert "ConnectionRefusedError" in events[-1]["message"], events[-1]
             accepted = await client.ask("and now?")
             events = await client.run_events(accepted["run_id"])
         assert events[-1]["code"] == "llm_unavailable"
