@@ -43,6 +43,7 @@ from pydantic_ai.tools import RunContext
 
 from parley.circuit import CircuitBreaker, CircuitOpenError, CircuitState
 from parley.errors import LLMError, LLMUnavailable, ParleyError
+from parley.llm_http import ChatCompletionsEndpoint, ProviderConnectionError, ProviderHTTPError
 from parley.llm_probe import ProbeMonitor, Prober, exception_chain
 from parley.llm_stream import StreamFailed
 from parley.observability import Metrics
@@ -56,8 +57,10 @@ _OUTAGES = (
     httpx.TransportError,
     httpx2.TransportError,
     TimeoutError,
-    # What Parley's own streaming loop (llm_stream.py) sees from the OpenAI SDK.
+    # What the probe sees from the OpenAI SDK.
     openai.APIConnectionError,  # also APITimeoutError
+    # What Parley's own streaming loop sees (llm_http.py, llm_stream.py).
+    ProviderConnectionError,
     StreamFailed,
 )
 
@@ -66,7 +69,7 @@ def is_outage(exc: BaseException) -> bool:
     """Failures that say the provider is down or overloaded (they open the circuit)."""
     if isinstance(exc, _OUTAGES):
         return True
-    if isinstance(exc, ModelHTTPError | openai.APIStatusError):
+    if isinstance(exc, ModelHTTPError | openai.APIStatusError | ProviderHTTPError):
         return exc.status_code >= 500 or exc.status_code == 429
     return False
 
@@ -79,7 +82,8 @@ def classify_llm_error(exc: BaseException) -> ParleyError | None:
         return LLMUnavailable(f"language model unavailable: {exc}")
     if is_outage(exc):
         return LLMUnavailable(f"language model unavailable: {_brief(exc)}")
-    if isinstance(exc, ModelRequestRejectedError | ModelAPIError | openai.APIStatusError):
+    refused = ModelRequestRejectedError | ModelAPIError | openai.APIStatusError | ProviderHTTPError
+    if isinstance(exc, refused):
         return LLMError(f"language model refused the request: {_brief(exc)}")
     if isinstance(exc, UnexpectedModelBehavior):
         # The model answered, but with nothing usable (empty, or output that failed validation
@@ -106,9 +110,11 @@ def _brief(exc: BaseException) -> str:
     if isinstance(exc, openai.APIStatusError):
         # Never the body: some providers echo the request (and its key) in their errors.
         return f"HTTP {exc.status_code} from {_public_url(str(exc.request.url))}"
-    if isinstance(exc, openai.APIConnectionError):
-        # The root cause, as the probe names it: the SDK calls every failed connection a
-        # timeout (APITimeoutError) on its aiohttp transport.
+    if isinstance(exc, ProviderHTTPError):
+        return f"HTTP {exc.status_code} from {_public_url(exc.url)}"
+    if isinstance(exc, openai.APIConnectionError | ProviderConnectionError):
+        # The root cause, as the probe names it (e.g. ConnectionRefusedError): the SDK calls
+        # every failed connection a timeout (APITimeoutError) on its aiohttp transport.
         root = exception_chain(exc)[-1]
         return type(root).__name__ + (f": {root}" if root is not exc and str(root) else "")
     if isinstance(exc, StreamFailed):
@@ -210,7 +216,9 @@ class LLMManager:
     provider: str
     model_name: str
     model: GuardedModel
-    # The provider's client: Parley's agent loop streams through it (llm_stream.py).
+    # The endpoint Parley's agent loop streams through (llm_stream.py).
+    endpoint: ChatCompletionsEndpoint
+    # The provider's SDK client: the probe's (cold path) requests.
     client: AsyncOpenAI
     http_client: httpx2.AsyncClient
     description: str
@@ -265,6 +273,7 @@ class LLMManager:
         return response.text or ""
 
     async def close(self) -> None:
+        await self.endpoint.close()
         await self.http_client.aclose()
 
 
@@ -282,17 +291,20 @@ def openai_compatible_manager(
     max_tokens: int | None = None,
     process: ModelProcess | None = None,
     probe_timeout_s: float | None = None,
+    max_connections: int = 256,
 ) -> LLMManager:
     """A manager for any OpenAI-compatible endpoint (OpenAI itself, vLLM, llama.cpp's server).
 
-    `probe_timeout_s` bounds one probe (default: the request timeout, at most 10 s)."""
-    # The OpenAI SDK is built on httpx2 (the successor of httpx). Its own aiohttp transport
-    # (the SDK's documented choice "for improved concurrency performance") carries the requests:
-    # httpx2's default connection pool scans every pooled connection on each request, and its
-    # pure-Python HTTP/1.1 reader costs more per streamed token than aiohttp's (bench/README.md).
+    `probe_timeout_s` bounds one probe (default: the request timeout, at most 10 s).
+    `max_connections` bounds the connections to the provider: a run makes one request at a
+    time, so with the maximum of concurrent runs no run ever waits for a connection."""
+    # The OpenAI SDK (for the probe) is built on httpx2 (the successor of httpx). Its own
+    # aiohttp transport (the SDK's documented choice "for improved concurrency performance")
+    # carries its requests: httpx2's default connection pool scans every pooled connection on
+    # each request (bench/README.md).
     http_client = DefaultAioHttpClient(
         timeout=httpx2.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-        limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
+        limits=httpx2.Limits(max_connections=8, max_keepalive_connections=2),
     )
     client = AsyncOpenAI(
         base_url=base_url,
@@ -307,6 +319,14 @@ def openai_compatible_manager(
         model_name=model_name,
         model=GuardedModel(
             model, breaker, metrics, (lambda: process.down_reason) if process else None
+        ),
+        # The SDK's base URL: its default (OpenAI's API) when none is configured.
+        endpoint=ChatCompletionsEndpoint(
+            base_url=str(client.base_url),
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            max_connections=max_connections,
         ),
         client=client,
         http_client=http_client,

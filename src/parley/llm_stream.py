@@ -1,7 +1,7 @@
 """One streamed chat-completions request to an OpenAI-compatible model: the hot path per token.
 
-The request itself goes through the OpenAI SDK's client (authentication, retries with backoff
-and `Retry-After`, timeouts, error types); its body is read here, line by line, with
+The request goes out through `ChatCompletionsEndpoint` (llm_http.py: the OpenAI SDK's retry and
+timeout behaviour, without its per-request cost); its body is read here, line by line, with
 `json.loads`.
 Why not the SDK's chunk objects or pydantic-ai's streamed response: a streamed token is the
 unit of work a chat server does most, and building a pydantic `ChatCompletionChunk` plus
@@ -17,12 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
-from openai import AsyncOpenAI
-
-# The SDK's request header for "hand me the response with its body unread" (the one its
-# `with_streaming_response` sets; `openai._constants.RAW_RESPONSE_HEADER`).
-RAW_STREAM_HEADER = "X-Stainless-Raw-Response"
+from parley.llm_http import ChatCompletionsEndpoint, sse_lines
 
 
 class StreamFailed(Exception):
@@ -50,7 +45,7 @@ class StepResult:
 
 
 async def stream_step(
-    client: AsyncOpenAI,
+    endpoint: ChatCompletionsEndpoint,
     *,
     model: str,
     messages: list[dict[str, Any]],
@@ -67,12 +62,6 @@ async def stream_step(
     reasoning: list[str] = []
     calls: dict[int, ToolCallRequest] = {}
     usage: dict[str, Any] = {}
-    # The messages, tools and settings are plain dicts of the documented shape, and the body
-    # goes out as it is, through the client's generic `post` (the SDK's documented way to make
-    # a request its typed methods do not cover): its typed `chat.completions.create` walks every
-    # one of its ~45 parameters' annotations on each call, which cost more CPU than the rest of
-    # a short run (bench/README.md). Authentication, retries with backoff and `Retry-After`,
-    # timeouts and the error types are the SDK's, as with the typed method.
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
@@ -82,20 +71,13 @@ async def stream_step(
     }
     if tools:
         body["tools"] = tools
-    response = await client.post(
-        "/chat/completions",
-        cast_to=httpx2.Response,
-        body=body,
-        # The header asks for the body unread (as `with_streaming_response` does); it is read
-        # here, line by line, and the response is closed below.
-        options={"headers": {RAW_STREAM_HEADER: "stream"}, "security": {"bearer_auth": True}},
-    )
+    response = await endpoint.open_stream(body)
     try:
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in sse_lines(response):
+            if not line.startswith(b"data:"):
                 continue  # blank separators, comments, `event:` lines
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 # Read on to the end of the body (nothing follows but the chunked terminator), so
                 # the connection goes back to the pool instead of being closed.
                 continue
@@ -117,7 +99,7 @@ async def stream_step(
                 for call in delta.get("tool_calls") or ():
                     _add_tool_call_delta(calls, call)
     finally:
-        await response.aclose()
+        response.release()
     if reasoning:
         await on_reasoning("".join(reasoning))
     return StepResult(

@@ -250,6 +250,7 @@ async def _llm_phase(ctx: _Context) -> LLMManager:
             metrics=ctx.metrics,
             description=f"{settings.llm_model} at {settings.llm_base_url or 'api.openai.com'}",
             max_tokens=settings.llm_max_tokens,
+            max_connections=settings.max_concurrent_runs,
         )
     ctx.cleanup.push_async_callback(manager.close)
     probed = settings.effective_llm_startup_probe
@@ -351,6 +352,7 @@ async def _local_manager(
         # one on a loaded 2-core machine can take longer than LLM_TIMEOUT_S, whose job is to
         # bound the wait between streamed chunks. The phase's deadline still bounds it.
         probe_timeout_s=max(settings.llm_timeout_s, settings.startup_timeout_s),
+        max_connections=settings.max_concurrent_runs,
     )
     ctx.cleanup.push_async_callback(manager.close)
     return manager, server

@@ -342,6 +342,40 @@ async def test_provider_429_is_retried_after_its_retry_after_then_ends_in_llm_un
     assert events[-1]["retryable"] is True
 
 
+async def test_retry_policy_follows_the_providers_headers_as_the_openai_sdk_does(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    server = spawn(LLM_MAX_RETRIES="2", LLM_CIRCUIT_FAILURE_THRESHOLD="100")
+    # A named wait beyond two minutes is not waited for: no retry at all.
+    too_long = fake_llm.script(trigger(), HttpError(429, retry_after="600"))
+    # `x-should-retry` decides over the status: a 503 the provider says not to retry...
+    not_again = fake_llm.script(trigger(), HttpError(503, headers=(("x-should-retry", "false"),)))
+    # ...and a 400 it says to retry (which then succeeds).
+    again = fake_llm.script(
+        trigger(), Flaky(HttpError(400, headers=(("x-should-retry", "true"),)), Text("ok then"))
+    )
+    # `retry-after-ms` wins over `Retry-After`, and over the backoff (at most 0.5 s here).
+    waited = fake_llm.script(
+        trigger(),
+        Flaky(HttpError(429, retry_after="30", headers=(("retry-after-ms", "1200"),)), Text("hi")),
+    )
+    async with server.connect(unique_user()) as client:
+        ends = {}
+        for t in (too_long, not_again, again, waited):
+            accepted = await client.ask(f"policy {t}")
+            ends[t] = (await client.run_events(accepted["run_id"]))[-1]
+    assert len(fake_llm.requests_with(too_long)) == 1
+    assert ends[too_long]["code"] == "llm_unavailable"
+    assert len(fake_llm.requests_with(not_again)) == 1
+    assert ends[not_again]["code"] == "llm_unavailable"
+    assert len(fake_llm.requests_with(again)) == 2
+    assert ends[again]["content"] == "ok then"
+    seen = fake_llm.seen_with(waited)
+    assert len(seen) == 2
+    assert 1.15 <= seen[1].at - seen[0].at < 5.0
+    assert ends[waited]["content"] == "hi"
+
+
 async def test_each_run_counts_once_toward_the_circuit_however_often_it_was_retried(
     spawn: SpawnServer, fake_llm: FakeLLM
 ) -> None:

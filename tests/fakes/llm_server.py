@@ -66,11 +66,13 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class HttpError:
-    """Refuse the request with `status` and an OpenAI-style error body (and `Retry-After`)."""
+    """Refuse the request with `status` and an OpenAI-style error body (and `Retry-After`,
+    and any other `headers`, e.g. `retry-after-ms` or `x-should-retry`)."""
 
     status: int
     message: str = "scripted failure"
     retry_after: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,9 @@ def _build_app(fake: FakeLLM) -> Starlette:
             return JSONResponse({"error": {"message": "hung"}}, status_code=504)
         if isinstance(turn, HttpError):
             error = {"error": {"message": turn.message, "type": "server_error"}}
-            headers = {"retry-after": turn.retry_after} if turn.retry_after else None
+            headers = dict(turn.headers)
+            if turn.retry_after:
+                headers["retry-after"] = turn.retry_after
             return JSONResponse(error, status_code=turn.status, headers=headers)
         model = body.get("model", "fake-model")
         if body.get("stream"):

@@ -100,7 +100,7 @@ async def run_agent(
     for _ in range(MAX_MODEL_REQUESTS):
         async with llm.guard():
             step: StepResult = await stream_step(
-                llm.client,
+                llm.endpoint,
                 model=llm.model_name,
                 messages=messages,
                 tools=tool_schemas,

@@ -1,0 +1,207 @@
+"""The HTTP side of a streamed model request: one POST to an OpenAI-compatible
+`/chat/completions`, retried as the OpenAI SDK retries, its body handed back unread.
+
+Why not the SDK's client for this request: under load its request building (header merging,
+URL re-parsing, its JSON encoder) and the httpx2 client stack in front of its aiohttp transport
+were 43 % of a whole run's CPU, several times the cost of the request itself
+(bench/README.md). Here the URL and headers are built once and the request goes straight to
+aiohttp. The SDK's behaviour is kept (`openai._base_client`), so a provider sees the same
+client: a Bearer key; connection errors, timeouts and HTTP 408, 409, 429 and 5xx retried
+(`x-should-retry` obeyed), after `retry-after-ms` / `Retry-After` when the provider names a
+wait of up to two minutes, else after a jittered exponential backoff from 0.5 s up to 8 s.
+The SDK's client still serves the cold paths (the probe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+# The SDK's constants (openai/_constants.py).
+INITIAL_RETRY_DELAY_S = 0.5
+MAX_RETRY_DELAY_S = 8.0
+MAX_RETRY_AFTER_S = 120.0
+RETRIED_STATUSES = frozenset({408, 409, 429})
+# An error body is read for its message only; a provider's page of HTML is cut short.
+MAX_ERROR_BODY = 64 * 1024
+
+
+class ProviderHTTPError(Exception):
+    """The provider answered the request with an HTTP error status."""
+
+    def __init__(self, status: int, url: str, headers: Mapping[str, str], message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if message else f"HTTP {status}")
+        self.status_code = status
+        self.url = url
+        self.headers = headers
+        self.message = message
+
+
+class ProviderConnectionError(Exception):
+    """The provider could not be reached, or the connection failed or timed out; the cause is
+    chained (`__cause__`), e.g. ConnectionRefusedError."""
+
+
+class ChatCompletionsEndpoint:
+    """POSTs streamed chat-completions requests to one OpenAI-compatible endpoint."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        timeout_s: float,
+        max_retries: int,
+        max_connections: int,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            # Local endpoints take no key; the SDK sends a placeholder, and so do we.
+            "Authorization": f"Bearer {api_key or 'not-needed'}",
+        }
+        # As the SDK's: `timeout_s` bounds the connect (at most 5 s) and each wait for data,
+        # not the whole answer, which may stream for longer.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(5.0, timeout_s), sock_read=timeout_s
+        )
+        self._max_retries = max_retries
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open_stream(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """Send the request (retrying as the SDK does); returns the response with its body
+        unread. Raises `ProviderHTTPError` or `ProviderConnectionError`."""
+        payload = json.dumps(body).encode()
+        # A loop of our own, not stamina's (used at startup): its per-call setup cost about as
+        # much as the request itself on this path (bench/README.md).
+        retries = 0
+        while True:
+            try:
+                return await self._post(payload)
+            except (ProviderHTTPError, ProviderConnectionError) as exc:
+                wait = retry_wait(exc, retries)
+                if retries >= self._max_retries or wait is None:
+                    raise
+            retries += 1
+            await asyncio.sleep(wait)
+
+    async def _post(self, payload: bytes) -> aiohttp.ClientResponse:
+        session = self._session_for_loop()
+        try:
+            response = await session.post(
+                self.url,
+                data=payload,
+                headers=self._headers,
+                timeout=self._timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderConnectionError(_describe(exc)) from exc
+        if response.status < 400:
+            return response
+        try:
+            body = await response.content.read(MAX_ERROR_BODY)
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        finally:
+            response.release()
+        raise ProviderHTTPError(response.status, self.url, response.headers, _error_message(body))
+
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        # Made on first use, inside the event loop that will use it (aiohttp's rule).
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                # The body is JSON the server decodes itself; nothing is gained by aiohttp
+                # decompressing a streamed answer chunk by chunk.
+                auto_decompress=False,
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+async def sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The lines of a streamed body (without their line ends), as they arrive. Reading chunks
+    and splitting them here costs one await per network read rather than one per line."""
+    rest = b""
+    try:
+        async for chunk in response.content.iter_any():
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                yield line.rstrip(b"\r")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ProviderConnectionError(_describe(exc)) from exc
+    if rest:
+        yield rest.rstrip(b"\r")
+
+
+def retry_wait(exc: ProviderHTTPError | ProviderConnectionError, retries: int) -> float | None:
+    """How long to wait before retrying after `exc` (the `retries`-th retry so far), or None
+    when it is not worth retrying: the provider's own wait when it names one, else the
+    jittered exponential backoff."""
+    backoff = min(INITIAL_RETRY_DELAY_S * 2.0**retries, MAX_RETRY_DELAY_S)
+    backoff *= 1 - 0.25 * random.random()
+    if isinstance(exc, ProviderConnectionError):
+        return backoff
+    wait = retry_after(exc.headers)
+    if wait is not None and wait > MAX_RETRY_AFTER_S:
+        return None  # the provider asks for longer than any run should wait
+    should = exc.headers.get("x-should-retry")
+    if should == "false":
+        return None
+    if should != "true" and exc.status_code not in RETRIED_STATUSES and exc.status_code < 500:
+        return None
+    return wait if wait is not None and wait > 0 else backoff
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the provider asked to wait (`retry-after-ms`, `Retry-After` as seconds or an
+    HTTP date), or None."""
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            continue
+        return seconds if math.isfinite(seconds) else MAX_RETRY_AFTER_S + 1
+    date = headers.get("retry-after")
+    if date is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_tz(date)
+        return None if parsed is None else float(email.utils.mktime_tz(parsed) - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _error_message(body: bytes) -> str:
+    """The provider's error message, from an OpenAI-style body (`{"error": {"message"}}`)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    return str(message)[:200] if message else ""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
