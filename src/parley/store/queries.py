@@ -224,31 +224,40 @@ def insert_events(connection: Connection, rows: list[dict[str, object]]) -> None
 
 
 def reserve_seqs(connection: Connection, counts: dict[str, int]) -> dict[str, int]:
-    """Take `counts[thread_id]` consecutive seqs of each thread, in one statement; returns each
-    thread's last seq taken. Row-locks the threads and marks them as updated now.
+    """Take `counts[thread_id]` consecutive seqs of each thread; returns each thread's last seq
+    taken. Row-locks the threads and marks them as updated now.
 
-    One UPDATE for the whole batch rather than one per thread: a statement is a round trip to
-    PostgreSQL, and a batch carries events of many threads. Two PostgreSQL
-    writers cannot deadlock on it: `id IN (...)` on the primary key is an index scan that visits
-    (and locks) the rows in key order whatever order the list is in; and a deadlock that did
-    happen is a transient error the event log retries."""
-    if len(counts) == 1:  # the common case, with a statement built once
-        ((thread_id, count),) = counts.items()
-        params = {"thread_id": thread_id, "b_count": count, "b_now": utcnow()}
-        last = connection.execute(_RESERVE_ONE, params).scalar()
-        if last is None:
-            raise LookupError(f"thread not found: {thread_id}")
-        return {thread_id: int(last)}
+    On PostgreSQL one UPDATE for the whole batch rather than one per thread: a statement is a
+    round trip, and a batch carries events of many threads. Two writers cannot deadlock on it:
+    `id IN (...)` on the primary key is an index scan that visits (and locks) the rows in key
+    order whatever order the list is in; and a deadlock that did happen is a transient error
+    the event log retries. On SQLite (in-process, one writer) the statement built once, per
+    thread, costs less than building and compiling the batch's, whose shape changes with its
+    number of threads."""
+    now = utcnow()
+    if len(counts) == 1 or connection.dialect.name == "sqlite":
+        return {
+            thread_id: _reserve_one(connection, thread_id, count, now)
+            for thread_id, count in counts.items()
+        }
     statement = (
         update(THREADS)
         .where(THREADS.c.id.in_(sorted(counts)))
-        .values(last_seq=THREADS.c.last_seq + case(counts, value=THREADS.c.id), updated_at=utcnow())
+        .values(last_seq=THREADS.c.last_seq + case(counts, value=THREADS.c.id), updated_at=now)
         .returning(THREADS.c.id, THREADS.c.last_seq)
     )
     taken = {row.id: int(row.last_seq) for row in connection.execute(statement)}
     if len(taken) != len(counts):
         raise LookupError(f"threads not found: {sorted(set(counts) - set(taken))}")
     return taken
+
+
+def _reserve_one(connection: Connection, thread_id: str, count: int, now: datetime) -> int:
+    params = {"thread_id": thread_id, "b_count": count, "b_now": now}
+    last = connection.execute(_RESERVE_ONE, params).scalar()
+    if last is None:
+        raise LookupError(f"thread not found: {thread_id}")
+    return int(last)
 
 
 def lock_threads(connection: Connection, *, thread_ids: Sequence[str]) -> None:
