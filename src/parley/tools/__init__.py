@@ -60,6 +60,15 @@ class DispatchingToolset(WrapperToolset[RunDeps]):
         self._timeout_s = timeout_s
         self._result_max_bytes = result_max_bytes
         self._metrics = metrics
+        self._listing: dict[str, ToolsetTool[RunDeps]] | None = None
+
+    async def get_tools(self, ctx: RunContext[RunDeps]) -> dict[str, ToolsetTool[RunDeps]]:
+        # The tools are plain functions (ToolRegistry) with no `prepare` step, so their listing
+        # does not depend on the run: it is made once. pydantic-ai makes it anew for every
+        # request, which was ~5 % of a short run's CPU (bench/README.md).
+        if self._listing is None:
+            self._listing = await super().get_tools(ctx)
+        return self._listing
 
     async def call_tool(
         self,
