@@ -74,9 +74,7 @@ async def run_agent(
     deps: RunDeps,
 ) -> AgentOutcome:
     llm = agent.llm
-    await deps.emit(
-        AgentThinking(text=f"Reading the message and planning a reply ({llm.display_name})")
-    )
+    deps.post(AgentThinking(text=f"Reading the message and planning a reply ({llm.display_name})"))
     ctx = RunContext[RunDeps](deps=deps, model=llm.model, usage=RunUsage(), prompt=prompt)
     tools = await agent.toolset.get_tools(ctx)
     tool_schemas = [_tool_schema(tool) for tool in tools.values()]
@@ -120,7 +118,7 @@ async def run_agent(
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
             names = ", ".join(dict.fromkeys(c.name for c in step.tool_calls if c.name in tools))
             if names:
-                await deps.emit(AgentThinking(text=f"Reviewing the results of {names}"))
+                deps.post(AgentThinking(text=f"Reviewing the results of {names}"))
             continue
         if step.text:
             return AgentOutcome(content="".join(answer), usage=usage)

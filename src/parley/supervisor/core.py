@@ -188,6 +188,7 @@ class Supervisor:
             run_id=run.run_id,
             db=self._db,
             emit=run.emitter.emit,
+            post=run.emitter.post,
             text=run.emitter.text,
         )
         return await run_agent(

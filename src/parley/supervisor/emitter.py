@@ -39,6 +39,8 @@ class RunEmitter:
         window_s: float = DELTA_WINDOW_S,
     ) -> None:
         self._user_id = user_id
+        self._thread_id = thread_id
+        self._run_id = run_id
         self._tag = {"thread_id": thread_id, "run_id": run_id}
         self._log = event_log
         self._window_s = window_s
@@ -68,6 +70,17 @@ class RunEmitter:
         stored: E = await asyncio.shield(self._log.submit(self._user_id, self._tagged(event)))
         return stored
 
+    def post(self, event: RunEvent) -> None:
+        """Submit `event` after any pending text without waiting for it to be stored: the event
+        log stores a run's submissions in the order they came, so a run can go on (ask the
+        model) while its progress note commits. A failure to store it is raised by the next
+        `emit` or `drain`."""
+        if self._closed:
+            raise RunClosed
+        self._flush_text()
+        self._raise_failure()
+        self._track(self._log.submit(self._user_id, self._tagged(event)))
+
     async def drain(self) -> None:
         """Submit pending text and wait until everything emitted is stored; raises the first
         failure to store any of it."""
@@ -91,9 +104,11 @@ class RunEmitter:
             return
         text = "".join(self._pending)
         self._pending.clear()
-        future: asyncio.Future[RunEvent] = self._log.submit(
-            self._user_id, self._tagged(AgentMessageDelta(text=text))
-        )
+        # Made tagged, not copied: this runs for every delta.
+        delta = AgentMessageDelta(text=text, thread_id=self._thread_id, run_id=self._run_id)
+        self._track(self._log.submit(self._user_id, delta))
+
+    def _track(self, future: asyncio.Future[RunEvent]) -> None:
         future.add_done_callback(self._settled)
         self._in_flight.append(future)
 

@@ -36,6 +36,8 @@ class RunDeps:
     db: Database
     # Store and deliver one event of the run (after any streamed text before it).
     emit: Callable[[RunEvent], Awaitable[RunEvent]]
+    # The same without waiting for it to be stored (a progress note; order is kept).
+    post: Callable[[RunEvent], None]
     # Stream answer text: coalesced into `agent_message_delta` events; never blocks.
     text: Callable[[str], None]
 
