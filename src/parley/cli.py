@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from parley import __version__, fdlimit, redact
+from parley import __version__, fdlimit, gc_settings, redact
 from parley.app import ParleyServer, create_app, drain
 from parley.auth import development_secret, mint_token
 from parley.config import Settings
@@ -136,6 +136,7 @@ async def _serve(settings: Settings) -> int:
             highlight=False,
             soft_wrap=True,
         )
+    gc_settings.tune_for_serving()
     try:
         await server.serve()
     finally:
