@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from bench.bench_streams import (
     MODEL_PID,
-    largest_gap,
+    RunTrace,
     percentile,
     start_model_server,
     stream_summary,
@@ -41,18 +41,14 @@ from bench.procstat import Window
 PEER_DIR = Path(__file__).parent / "peer"
 
 
-async def one_run(
-    http: httpx.AsyncClient, thread_id: str, content: str
-) -> tuple[float, float, str]:
-    """(run time, largest gap between two streamed pieces, the streamed text)."""
+async def one_run(http: httpx.AsyncClient, thread_id: str, content: str) -> RunTrace:
+    """The run's timeline and its streamed text."""
     body = {
         "assistant_id": "agent",
         "input": {"messages": [{"role": "user", "content": content}]},
         "stream_mode": "messages-tuple",
     }
-    sent = time.perf_counter()
-    marks = [sent]
-    text: list[str] = []
+    trace = RunTrace(sent=time.perf_counter())
     event = ""
     async with http.stream("POST", f"/threads/{thread_id}/runs/stream", json=body) as response:
         response.raise_for_status()
@@ -62,10 +58,10 @@ async def one_run(
             elif line.startswith("data:") and event == "messages":
                 chunk, _meta = json.loads(line[5:])
                 if chunk.get("type") in ("AIMessageChunk", "ai") and chunk.get("content"):
-                    text.append(chunk["content"])
-                    marks.append(time.perf_counter())
-    ended = time.perf_counter()
-    return ended - sent, largest_gap(marks), "".join(text)
+                    trace.text.append(chunk["content"])
+                    trace.deltas.append(time.perf_counter())
+    trace.ended = time.perf_counter()
+    return trace
 
 
 async def new_thread(http: httpx.AsyncClient) -> str:
@@ -81,10 +77,10 @@ async def streams(url: str, pid: int, level: int, tokens: int, delay_ms: int) ->
         content = f"stream please {stream_marker(tokens, delay_ms)}"
         results = await asyncio.gather(*(one_run(http, t, content) for t in threads))
         usage = await window.stop()
-    for _, _, text in results:
-        if text != expected_text(tokens):
-            raise RuntimeError(f"answer mismatch: {text[:80]!r}")
-    return stream_summary(level, tokens, [r[0] for r in results], [r[1] for r in results], usage)
+    for trace in results:
+        if "".join(trace.text) != expected_text(tokens):
+            raise RuntimeError(f"answer mismatch: {''.join(trace.text)[:80]!r}")
+    return stream_summary(level, tokens, results, usage)
 
 
 async def plain(url: str, pid: int, clients: int, runs: int) -> dict[str, Any]:

@@ -60,13 +60,15 @@ class RunTrace:
     terminal: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def first_delta(self) -> float:
+        """From the message sent to the first piece of the answer."""
+        return self.deltas[0] - self.sent if self.deltas else self.ended - self.sent
+
+    @property
     def largest_gap(self) -> float:
-        return largest_gap([self.sent, *self.deltas])
-
-
-def largest_gap(marks: list[float]) -> float:
-    """The longest wait between consecutive moments (message sent, each piece received)."""
-    return max((b - a for a, b in itertools.pairwise(marks)), default=0.0)
+        """The longest wait between two consecutive pieces of the answer (issue 9's measure;
+        the wait for the first piece is `first_delta`)."""
+        return max((b - a for a, b in itertools.pairwise(self.deltas)), default=0.0)
 
 
 async def _read_run(ws: Any, trace: RunTrace) -> None:
@@ -124,19 +126,21 @@ async def streams(server: ServerProcess, level: int, tokens: int, delay_ms: int)
         await ws.close()
     for trace in traces:
         _check(trace, expected_text(tokens))
-    times = [t.ended - t.sent for t in traces]
-    gaps = [t.largest_gap for t in traces]
-    return stream_summary(level, tokens, times, gaps, usage)
+    return stream_summary(level, tokens, traces, usage)
 
 
-def stream_summary(
-    level: int, tokens: int, times: list[float], gaps: list[float], usage: Usage
-) -> dict[str, Any]:
+def stream_summary(level: int, tokens: int, traces: list[RunTrace], usage: Usage) -> dict[str, Any]:
     """One streaming level's figures (shared with the peer's benchmark)."""
+    times = [t.ended - t.sent for t in traces]
+    firsts = [t.first_delta for t in traces]
+    gaps = [t.largest_gap for t in traces]
     return {
         "level": level,
+        "p5_s": percentile(times, 5),
         "p50_s": percentile(times, 50),
         "p95_s": percentile(times, 95),
+        "first50_ms": percentile(firsts, 50) * 1000,
+        "first95_ms": percentile(firsts, 95) * 1000,
         "gap95_ms": percentile(gaps, 95) * 1000,
         "cpu_per_token_us": usage.cpu_s["server"] / (level * tokens) * 1e6,
         "server_cpu_s": usage.cpu_s["server"],
@@ -256,8 +260,10 @@ async def main() -> None:
             )
         else:
             print(
-                f"streams C={result['level']:>3} p50={result['p50_s']:5.2f} s "
-                f"p95={result['p95_s']:5.2f} s gap95={result['gap95_ms']:6.1f} ms "
+                f"streams C={result['level']:>3} p5={result['p5_s']:5.2f} s "
+                f"p50={result['p50_s']:5.2f} s p95={result['p95_s']:5.2f} s "
+                f"first p50/p95={result['first50_ms']:4.0f}/{result['first95_ms']:4.0f} ms "
+                f"gap95={result['gap95_ms']:6.1f} ms "
                 f"cpu/token={result['cpu_per_token_us']:7.0f} us "
                 f"(server {result['server_cpu_s']:.1f} s cpu / {result['wall_s']:.1f} s wall; "
                 f"loadgen {result['loadgen_cpu_s']:.1f} s, model {result['model_cpu_s']:.1f} s)"
