@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Protocol, cast
+from typing import NamedTuple
 
 from sqlalchemy import Interval, bindparam, case, delete, exists, func, select, update
 from sqlalchemy import insert as insert_rows
@@ -17,16 +17,18 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.store.models import Base, Event, Instance, Message, Run, Thread, utcnow
+from parley.store.statements import HotStatement
 
 THREAD_TITLE_CHARS = 80
 
 
 # ---------------------------------------------------------------------------- the hot path
 # What a run does on every message (the event log's writer, the run's own reads) is written as
-# SQLAlchemy Core statements built once, here, and executed on a plain connection with bound
-# parameters: building a statement per call (coercions, cache key) and the ORM's unit of work
-# cost several times the statement itself (see bench/README.md). These functions are
-# synchronous: they run inside `Database.run_write` / `run_read`, a whole transaction at once.
+# SQLAlchemy Core statements built once, here, and run as `HotStatement`s with bound parameters:
+# building a statement per call (coercions, cache key), the ORM's unit of work and, on SQLite,
+# SQLAlchemy's execution machinery cost several times the statement itself (see
+# bench/README.md). These functions are synchronous: they run inside `Database.run_write` /
+# `run_read`, a whole transaction at once.
 
 USERS = Base.metadata.tables["users"]
 THREADS = Base.metadata.tables["threads"]
@@ -35,25 +37,51 @@ RUNS = Base.metadata.tables["runs"]
 EVENTS = Base.metadata.tables["events"]
 
 _INSERT_USER = {
-    "postgresql": pg_insert(USERS).on_conflict_do_nothing(),
-    "sqlite": sqlite_insert(USERS).on_conflict_do_nothing(),
+    "postgresql": HotStatement(
+        pg_insert(USERS).on_conflict_do_nothing(), columns=["id", "created_at"]
+    ),
+    "sqlite": HotStatement(
+        sqlite_insert(USERS).on_conflict_do_nothing(), columns=["id", "created_at"]
+    ),
 }
-_INSERT_THREAD = insert_rows(THREADS)
-_THREAD_OWNER = select(THREADS.c.user_id).where(THREADS.c.id == bindparam("thread_id"))
-_INSERT_MESSAGE = insert_rows(MESSAGES)
-_INSERT_RUN = insert_rows(RUNS)
-_INSERT_EVENTS = insert_rows(EVENTS)
-_BY_CLIENT_ID = select(MESSAGES.c.id, MESSAGES.c.thread_id, MESSAGES.c.run_id).where(
-    MESSAGES.c.user_id == bindparam("user_id"),
-    MESSAGES.c.client_message_id == bindparam("client_message_id"),
+_INSERT_THREAD = HotStatement(
+    insert_rows(THREADS),
+    columns=["id", "user_id", "title", "last_seq", "created_at", "updated_at"],
 )
-_RECENT_HISTORY = (
+_THREAD_OWNER = HotStatement(
+    select(THREADS.c.user_id).where(THREADS.c.id == bindparam("thread_id"))
+)
+_INSERT_MESSAGE = HotStatement(
+    insert_rows(MESSAGES),
+    columns=[
+        "id", "thread_id", "user_id", "role", "content", "client_message_id", "run_id",
+        "created_at",
+    ],
+)  # fmt: skip
+_INSERT_RUN = HotStatement(
+    insert_rows(RUNS),
+    columns=[
+        "id", "thread_id", "user_id", "message_id", "agent", "status", "error_code",
+        "input_tokens", "output_tokens", "instance_id", "started_at", "ended_at",
+    ],
+)  # fmt: skip
+_INSERT_EVENTS = HotStatement(
+    insert_rows(EVENTS),
+    columns=["id", "thread_id", "run_id", "seq", "type", "frame", "created_at"],
+)
+_BY_CLIENT_ID = HotStatement(
+    select(MESSAGES.c.id, MESSAGES.c.thread_id, MESSAGES.c.run_id).where(
+        MESSAGES.c.user_id == bindparam("user_id"),
+        MESSAGES.c.client_message_id == bindparam("client_message_id"),
+    )
+)
+_RECENT_HISTORY = HotStatement(
     select(MESSAGES.c.id, MESSAGES.c.role, MESSAGES.c.content)
     .where(MESSAGES.c.thread_id == bindparam("thread_id"))
     .order_by(MESSAGES.c.created_at.desc())
     .limit(bindparam("limit"))
 )
-_END_RUN = (
+_END_RUN = HotStatement(
     update(RUNS)
     .where(RUNS.c.id == bindparam("run_id"), RUNS.c.status == "running")
     .values(
@@ -64,7 +92,7 @@ _END_RUN = (
         ended_at=bindparam("b_ended_at"),
     )
 )
-_RESERVE_ONE = (
+_RESERVE_ONE = HotStatement(
     update(THREADS)
     .where(THREADS.c.id == bindparam("thread_id"))
     .values(last_seq=THREADS.c.last_seq + bindparam("b_count"), updated_at=bindparam("b_now"))
@@ -90,7 +118,7 @@ def new_id() -> str:
 
 def ensure_user(connection: Connection, *, user_id: str) -> None:
     statement = _INSERT_USER.get(connection.dialect.name, _INSERT_USER["sqlite"])
-    connection.execute(statement, {"id": user_id, "created_at": utcnow()})
+    statement.run(connection, {"id": user_id, "created_at": utcnow()})
 
 
 def create_thread(connection: Connection, *, user_id: str, title: str) -> str:
@@ -104,17 +132,17 @@ def create_thread(connection: Connection, *, user_id: str, title: str) -> str:
         "created_at": now,
         "updated_at": now,
     }
-    connection.execute(_INSERT_THREAD, row)
+    _INSERT_THREAD.run(connection, row)
     return thread_id
 
 
 def thread_owner(connection: Connection, *, thread_id: str) -> str | None:
     """The user the thread belongs to; None when there is no such thread."""
-    owner = connection.execute(_THREAD_OWNER, {"thread_id": thread_id}).scalar()
-    return None if owner is None else str(owner)
+    rows = _THREAD_OWNER.rows(connection, {"thread_id": thread_id})
+    return str(rows[0][0]) if rows else None
 
 
-class StoredMessage(Protocol):
+class StoredMessage(NamedTuple):
     id: str
     thread_id: str
     run_id: str | None
@@ -125,7 +153,8 @@ def find_by_client_id(
 ) -> StoredMessage | None:
     """The user's message with this client_message_id: its id, thread_id and run_id."""
     params = {"user_id": user_id, "client_message_id": client_message_id}
-    return cast(StoredMessage | None, connection.execute(_BY_CLIENT_ID, params).first())
+    rows = _BY_CLIENT_ID.rows(connection, params)
+    return StoredMessage(*rows[0]) if rows else None
 
 
 def add_message(
@@ -150,7 +179,7 @@ def add_message(
         "run_id": run_id,
         "created_at": utcnow(),
     }
-    connection.execute(_INSERT_MESSAGE, row)
+    _INSERT_MESSAGE.run(connection, row)
     return message_id
 
 
@@ -178,7 +207,7 @@ def create_run(
         "started_at": utcnow(),
         "ended_at": None,
     }
-    connection.execute(_INSERT_RUN, row)
+    _INSERT_RUN.run(connection, row)
 
 
 def finish_run_if_running(
@@ -204,23 +233,23 @@ def finish_run_if_running(
         "b_output_tokens": output_tokens,
         "b_ended_at": utcnow(),
     }
-    return connection.execute(_END_RUN, params).rowcount == 1
+    return _END_RUN.run(connection, params) == 1
 
 
-class HistoryEntry(Protocol):
+class HistoryEntry(NamedTuple):
     id: str
     role: str
     content: str
 
 
-def recent_history(connection: Connection, *, thread_id: str, limit: int) -> Sequence[HistoryEntry]:
+def recent_history(connection: Connection, *, thread_id: str, limit: int) -> list[HistoryEntry]:
     """The thread's newest `limit` messages, newest first: only the columns the model reads."""
-    result = connection.execute(_RECENT_HISTORY, {"thread_id": thread_id, "limit": limit})
-    return cast(Sequence[HistoryEntry], result.all())
+    rows = _RECENT_HISTORY.rows(connection, {"thread_id": thread_id, "limit": limit})
+    return [HistoryEntry(*row) for row in rows]
 
 
 def insert_events(connection: Connection, rows: list[dict[str, object]]) -> None:
-    connection.execute(_INSERT_EVENTS, rows)
+    _INSERT_EVENTS.many(connection, rows)
 
 
 def reserve_seqs(connection: Connection, counts: dict[str, int]) -> dict[str, int]:
@@ -254,10 +283,10 @@ def reserve_seqs(connection: Connection, counts: dict[str, int]) -> dict[str, in
 
 def _reserve_one(connection: Connection, thread_id: str, count: int, now: datetime) -> int:
     params = {"thread_id": thread_id, "b_count": count, "b_now": now}
-    last = connection.execute(_RESERVE_ONE, params).scalar()
-    if last is None:
+    rows = _RESERVE_ONE.rows(connection, params)
+    if not rows:
         raise LookupError(f"thread not found: {thread_id}")
-    return int(last)
+    return int(rows[0][0])
 
 
 def lock_threads(connection: Connection, *, thread_ids: Sequence[str]) -> None:

@@ -1,0 +1,97 @@
+"""The hot path's statements: compiled once, run with the least work per call.
+
+SQLAlchemy's execution of even a prebuilt Core statement (its execution context, parameter
+processing and result set-up) costs about 40 µs; SQLite itself runs the same statement in about
+9 µs. The event log's writer runs a dozen statements per run in its database thread, holding
+the GIL the event loop needs, and that overhead was the largest single cost of a run
+(bench/README.md). So on SQLite a `HotStatement` runs its SQL (compiled once, by SQLAlchemy)
+on the driver's connection, inside the transaction the SQLAlchemy connection began, with the
+values converted by SQLAlchemy's own bind processors: they are stored exactly as SQLAlchemy
+stores them (a datetime as its text form, which the history's order relies on). On other
+databases SQLAlchemy executes it as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.expression import ClauseElement
+
+Params = Mapping[str, Any]
+_REQUIRED = object()
+# Each parameter in order: its name, SQLAlchemy's bind processor for its type, and the value the
+# statement itself gives it (a literal such as `status == 'running'`), if any.
+_Binds = tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]
+
+
+class HotStatement:
+    """One statement of the hot path. Results are plain rows (tuples): read them by position."""
+
+    def __init__(self, statement: ClauseElement, *, columns: Sequence[str] | None = None) -> None:
+        self.statement = statement
+        # An INSERT names the columns it is given values for (SQLAlchemy learns them from the
+        # first row's keys; compiled once here, they are fixed).
+        self._columns = list(columns) if columns is not None else None
+        self._sqlite: tuple[str, _Binds] | None = None
+
+    def rows(self, connection: Connection, params: Params) -> Sequence[Sequence[Any]]:
+        if connection.dialect.name != "sqlite":
+            return connection.execute(self.statement, params).all()  # type: ignore[call-overload,no-any-return]
+        sql, binds = self._compiled(connection.dialect)
+        cursor = _driver(connection).execute(sql, _arguments(binds, params))
+        try:
+            return cursor.fetchall()  # type: ignore[no-any-return]
+        finally:
+            cursor.close()
+
+    def run(self, connection: Connection, params: Params) -> int:
+        """Runs the statement; returns the number of rows it changed."""
+        if connection.dialect.name != "sqlite":
+            return int(connection.execute(self.statement, params).rowcount)  # type: ignore[call-overload]
+        sql, binds = self._compiled(connection.dialect)
+        cursor = _driver(connection).execute(sql, _arguments(binds, params))
+        try:
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+    def many(self, connection: Connection, rows: Sequence[Params]) -> None:
+        """Runs the statement once per row (an INSERT of many rows)."""
+        if connection.dialect.name != "sqlite":
+            connection.execute(self.statement, list(rows))  # type: ignore[call-overload]
+            return
+        sql, binds = self._compiled(connection.dialect)
+        _driver(connection).executemany(sql, [_arguments(binds, row) for row in rows])
+
+    def _compiled(self, dialect: Dialect) -> tuple[str, _Binds]:
+        if self._sqlite is None:
+            compiled = cast(
+                SQLCompiler, self.statement.compile(dialect=dialect, column_keys=self._columns)
+            )
+            names = compiled.positiontup or []
+            binds = tuple(
+                (
+                    name,
+                    compiled.binds[name].type.bind_processor(dialect),
+                    _REQUIRED if compiled.binds[name].required else compiled.binds[name].value,
+                )
+                for name in names
+            )
+            self._sqlite = (str(compiled), binds)
+        return self._sqlite
+
+
+def _arguments(binds: _Binds, params: Params) -> tuple[Any, ...]:
+    values = []
+    for name, process, literal in binds:
+        value = params[name] if literal is _REQUIRED else params.get(name, literal)
+        values.append(value if process is None or value is None else process(value))
+    return tuple(values)
+
+
+def _driver(connection: Connection) -> Any:
+    """The DBAPI (sqlite3) connection under `connection`, in the transaction it began."""
+    return connection.connection.dbapi_connection
