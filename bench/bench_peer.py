@@ -90,10 +90,10 @@ async def plain(url: str, pid: int, clients: int, runs: int) -> dict[str, Any]:
     async def client(http: httpx.AsyncClient) -> None:
         thread_id = await new_thread(http)
         for i in range(per_client):
-            took, _, text = await one_run(http, thread_id, f"hello {i}")
-            if text != expected_text(4):
-                raise RuntimeError(f"answer mismatch: {text!r}")
-            times.append(took)
+            trace = await one_run(http, thread_id, f"hello {i}")
+            if "".join(trace.text) != expected_text(4):
+                raise RuntimeError(f"answer mismatch: {''.join(trace.text)!r}")
+            times.append(trace.ended - trace.sent)
 
     limits = httpx.Limits(max_connections=clients + 10)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
@@ -119,6 +119,7 @@ async def main() -> None:
     parser.add_argument("--serial", type=int, default=200)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--json", action="store_true", help="print raw results as JSON lines")
     args = parser.parse_args()
 
     model, model_url = start_model_server()
@@ -140,27 +141,30 @@ async def main() -> None:
                 pass
             await asyncio.sleep(0.1)
         await plain(url, peer.pid, 1, 10)  # warm-up
-        lines = []
+        results: list[dict[str, Any]] = []
         if args.serial:
-            r = await plain(url, peer.pid, 1, args.serial)
-            lines.append(
-                f"peer plain  clients=1 runs={r['runs']} p50={r['p50_ms']:.1f} ms "
-                f"runs/s={r['runs_per_s']:.1f} cpu/run={r['cpu_per_run_ms']:.2f} ms"
-            )
+            results.append({"workload": "plain", **await plain(url, peer.pid, 1, args.serial)})
         if args.runs:
             r = await plain(url, peer.pid, args.clients, args.runs)
-            lines.append(
-                f"peer plain  clients={r['clients']} runs={r['runs']} p50={r['p50_ms']:.1f} ms "
-                f"runs/s={r['runs_per_s']:.1f} cpu/run={r['cpu_per_run_ms']:.2f} ms"
-            )
+            results.append({"workload": "plain", **r})
         for level in (int(x) for x in args.levels.split(",") if x):
             r = await streams(url, peer.pid, level, args.tokens, args.delay_ms)
-            lines.append(
-                f"peer streams C={level} p50={r['p50_s']:.2f} s p95={r['p95_s']:.2f} s "
-                f"gap95={r['gap95_ms']:.1f} ms cpu/token={r['cpu_per_token_us']:.0f} us "
-                f"(server {r['server_cpu_s']:.1f} s cpu / {r['wall_s']:.1f} s wall)"
-            )
-        print("\n".join(lines))
+            results.append({"workload": "streams", **r})
+        for r in results:
+            if args.json:
+                print(json.dumps(r))
+            elif r["workload"] == "plain":
+                print(
+                    f"peer plain  clients={r['clients']} runs={r['runs']} p50={r['p50_ms']:.1f} ms "
+                    f"runs/s={r['runs_per_s']:.1f} cpu/run={r['cpu_per_run_ms']:.2f} ms"
+                )
+            else:
+                print(
+                    f"peer streams C={r['level']} p50={r['p50_s']:.2f} s p95={r['p95_s']:.2f} s "
+                    f"first p95={r['first95_ms']:.0f} ms gap95={r['gap95_ms']:.1f} ms "
+                    f"cpu/token={r['cpu_per_token_us']:.0f} us "
+                    f"(server {r['server_cpu_s']:.1f} s cpu / {r['wall_s']:.1f} s wall)"
+                )
     finally:
         peer.terminate()
         peer.wait()
