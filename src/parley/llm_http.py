@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import yarl
 
 # The SDK's constants (openai/_constants.py).
 INITIAL_RETRY_DELAY_S = 0.5
@@ -63,6 +64,7 @@ class ChatCompletionsEndpoint:
         max_connections: int,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self._target = yarl.URL(self.url)  # parsed once, not on every request
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -99,7 +101,7 @@ class ChatCompletionsEndpoint:
         session = self._session_for_loop()
         try:
             response = await session.post(
-                self.url,
+                self._target,
                 data=payload,
                 headers=self._headers,
                 timeout=self._timeout,
@@ -121,6 +123,9 @@ class ChatCompletionsEndpoint:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
+                # A model API sets no cookies worth keeping; the jar's filtering per request is
+                # work for nothing.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # The body is JSON the server decodes itself; nothing is gained by aiohttp
                 # decompressing a streamed answer chunk by chunk.
                 auto_decompress=False,
