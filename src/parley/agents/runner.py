@@ -17,6 +17,7 @@ answer is asked for again once ("Please return text."), then is the model's erro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -75,8 +76,13 @@ async def run_agent(
 ) -> AgentOutcome:
     llm = agent.llm
     deps.post(AgentThinking(text=f"Reading the message and planning a reply ({llm.display_name})"))
-    ctx = RunContext[RunDeps](deps=deps, model=llm.model, usage=RunUsage(), prompt=prompt)
-    tools = await agent.toolset.get_tools(ctx)
+
+    # pydantic-ai's context for tools, made only when a tool needs it (most runs call none).
+    @functools.cache
+    def ctx() -> RunContext[RunDeps]:
+        return RunContext(deps=deps, model=llm.model, usage=RunUsage(), prompt=prompt)
+
+    tools = await agent.toolset.listing(ctx)
     tool_schemas = [_tool_schema(tool) for tool in tools.values()]
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": agent.instructions},
@@ -112,7 +118,7 @@ async def run_agent(
         if step.tool_calls:
             messages.append(_assistant_tool_calls(step))
             results = await asyncio.gather(
-                *(_call_tool(agent.toolset, tools, ctx, call) for call in step.tool_calls)
+                *(_call_tool(agent.toolset, tools, ctx(), call) for call in step.tool_calls)
             )
             for call, result in zip(step.tool_calls, results, strict=True):
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": result})

@@ -65,11 +65,17 @@ class DispatchingToolset(WrapperToolset[RunDeps]):
         self._listing: dict[str, ToolsetTool[RunDeps]] | None = None
 
     async def get_tools(self, ctx: RunContext[RunDeps]) -> dict[str, ToolsetTool[RunDeps]]:
-        # The tools are plain functions (ToolRegistry) with no `prepare` step, so their listing
-        # does not depend on the run: it is made once. pydantic-ai makes it anew for every
-        # request, which was ~5 % of a short run's CPU (bench/README.md).
+        return await self.listing(lambda: ctx)
+
+    async def listing(
+        self, run_context: Callable[[], RunContext[RunDeps]]
+    ) -> dict[str, ToolsetTool[RunDeps]]:
+        """The tools, listed once: they are plain functions (ToolRegistry) with no `prepare`
+        step, so their listing does not depend on the run. pydantic-ai lists them anew for
+        every request, which was ~5 % of a short run's CPU (bench/README.md); `run_context`
+        is only called for the first listing."""
         if self._listing is None:
-            self._listing = await super().get_tools(ctx)
+            self._listing = await super().get_tools(run_context())
         return self._listing
 
     async def call_tool(
