@@ -13,10 +13,12 @@ databases SQLAlchemy executes it as usual.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
@@ -41,22 +43,26 @@ class HotStatement:
         if connection.dialect.name != "sqlite":
             return connection.execute(self.statement, params).all()  # type: ignore[call-overload,no-any-return]
         sql, binds = self._compiled(connection.dialect)
-        cursor = _driver(connection).execute(sql, _arguments(binds, params))
-        try:
-            return cursor.fetchall()  # type: ignore[no-any-return]
-        finally:
-            cursor.close()
+        arguments = _arguments(binds, params)
+        with _as_sqlalchemy_errors(connection, sql, arguments):
+            cursor = _driver(connection).execute(sql, arguments)
+            try:
+                return cursor.fetchall()  # type: ignore[no-any-return]
+            finally:
+                cursor.close()
 
     def run(self, connection: Connection, params: Params) -> int:
         """Runs the statement; returns the number of rows it changed."""
         if connection.dialect.name != "sqlite":
             return int(connection.execute(self.statement, params).rowcount)  # type: ignore[call-overload]
         sql, binds = self._compiled(connection.dialect)
-        cursor = _driver(connection).execute(sql, _arguments(binds, params))
-        try:
-            return int(cursor.rowcount)
-        finally:
-            cursor.close()
+        arguments = _arguments(binds, params)
+        with _as_sqlalchemy_errors(connection, sql, arguments):
+            cursor = _driver(connection).execute(sql, arguments)
+            try:
+                return int(cursor.rowcount)
+            finally:
+                cursor.close()
 
     def many(self, connection: Connection, rows: Sequence[Params]) -> None:
         """Runs the statement once per row (an INSERT of many rows)."""
@@ -64,7 +70,9 @@ class HotStatement:
             connection.execute(self.statement, list(rows))  # type: ignore[call-overload]
             return
         sql, binds = self._compiled(connection.dialect)
-        _driver(connection).executemany(sql, [_arguments(binds, row) for row in rows])
+        arguments = [_arguments(binds, row) for row in rows]
+        with _as_sqlalchemy_errors(connection, sql, arguments):
+            _driver(connection).executemany(sql, arguments)
 
     def _compiled(self, dialect: Dialect) -> tuple[str, _Binds]:
         if self._sqlite is None:
@@ -75,7 +83,7 @@ class HotStatement:
             binds = tuple(
                 (
                     name,
-                    compiled.binds[name].type.bind_processor(dialect),
+                    compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect),
                     _REQUIRED if compiled.binds[name].required else compiled.binds[name].value,
                 )
                 for name in names
@@ -90,6 +98,18 @@ def _arguments(binds: _Binds, params: Params) -> tuple[Any, ...]:
         value = params[name] if literal is _REQUIRED else params.get(name, literal)
         values.append(value if process is None or value is None else process(value))
     return tuple(values)
+
+
+@contextlib.contextmanager
+def _as_sqlalchemy_errors(connection: Connection, sql: str, arguments: Any) -> Iterator[None]:
+    """Driver errors raised as SQLAlchemy raises them (`IntegrityError`, `OperationalError`
+    for "database is locked", ...): the event log tells a transient failure from a refusal by
+    those types (store/outage.py)."""
+    driver_error = connection.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except driver_error as exc:
+        raise DBAPIError.instance(sql, arguments, exc, driver_error) from exc
 
 
 def _driver(connection: Connection) -> Any:
