@@ -13,7 +13,7 @@ UV     := $(BIN)/uv --native-tls
 LOCKED := pyproject.toml requirements.lock scripts/build-llama.sh scripts/check-install.sh
 STAMP  := $(VENV)/.installed-$(shell cat $(LOCKED) 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install lock serve test test-fast lint format schema services-stop clean
+.PHONY: install lock serve test test-fast lint format schema bench services-stop clean
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ schema: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Issue 9's benchmark, Parley and the peer (LangGraph dev, installed under var/peer) side by
+# side: results in bench/results/ (bench/README.md). About six minutes on two cores.
+bench: install
+	$(BIN)/python -m bench.bench_all
 
 services-stop:
 	scripts/test-services.sh stop

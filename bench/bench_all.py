@@ -1,6 +1,6 @@
 """Issue 9's whole benchmark in one command: Parley and the peer, side by side, in one run.
 
-    .venv/bin/python -m bench.bench_all [--levels 25,50,100,200] [--peer-levels 25,50,100]
+    make bench     # = .venv/bin/python -m bench.bench_all [--levels ...] [--peer-levels ...]
 
 1. The peer's environment: `var/peer`, made with uv from `bench/peer/requirements.txt` (every
    version pinned) unless it is there already.

@@ -33,6 +33,7 @@ from bench.bench_streams import (
     MODEL_PID,
     RunTrace,
     percentile,
+    print_results,
     start_model_server,
     stream_summary,
 )
@@ -107,6 +108,7 @@ async def plain(url: str, pid: int, clients: int, runs: int) -> dict[str, Any]:
         "clients": clients,
         "runs": len(times),
         "p50_ms": percentile(times, 50) * 1000,
+        "p95_ms": percentile(times, 95) * 1000,
         "runs_per_s": len(times) / usage.wall_s,
         "cpu_per_run_ms": usage.cpu_s["server"] / len(times) * 1000,
     }
@@ -152,21 +154,7 @@ async def main() -> None:
         for level in (int(x) for x in args.levels.split(",") if x):
             r = await streams(url, peer.pid, level, args.tokens, args.delay_ms)
             results.append({"workload": "streams", **r})
-        for r in results:
-            if args.json:
-                print(json.dumps(r))
-            elif r["workload"] == "plain":
-                print(
-                    f"peer plain  clients={r['clients']} runs={r['runs']} p50={r['p50_ms']:.1f} ms "
-                    f"runs/s={r['runs_per_s']:.1f} cpu/run={r['cpu_per_run_ms']:.2f} ms"
-                )
-            else:
-                print(
-                    f"peer streams C={r['level']} p50={r['p50_s']:.2f} s p95={r['p95_s']:.2f} s "
-                    f"first p95={r['first95_ms']:.0f} ms gap95={r['gap95_ms']:.1f} ms "
-                    f"cpu/token={r['cpu_per_token_us']:.0f} us "
-                    f"(server {r['server_cpu_s']:.1f} s cpu / {r['wall_s']:.1f} s wall)"
-                )
+        print_results(results, as_json=args.json, label="peer ")
     finally:
         peer.terminate()
         peer.wait()

@@ -251,18 +251,23 @@ async def main() -> None:
             server.stop()
             model.terminate()
             model.wait()
+    print_results(results, as_json=args.json)
+
+
+def print_results(results: list[dict[str, Any]], *, as_json: bool, label: str = "") -> None:
+    """One line per workload (shared with the peer's benchmark), or raw JSON lines."""
     for result in results:
-        if args.json:
+        if as_json:
             print(json.dumps(result))
         elif result["workload"] == "plain":
             print(
-                f"plain  clients={result['clients']:>3} runs={result['runs']:>5} "
+                f"{label}plain  clients={result['clients']:>3} runs={result['runs']:>5} "
                 f"p50={result['p50_ms']:7.1f} ms p95={result['p95_ms']:7.1f} ms "
                 f"runs/s={result['runs_per_s']:6.1f} cpu/run={result['cpu_per_run_ms']:6.2f} ms"
             )
         else:
             print(
-                f"streams C={result['level']:>3} p5={result['p5_s']:5.2f} s "
+                f"{label}streams C={result['level']:>3} p5={result['p5_s']:5.2f} s "
                 f"p50={result['p50_s']:5.2f} s p95={result['p95_s']:5.2f} s "
                 f"first p50/p95={result['first50_ms']:4.0f}/{result['first95_ms']:4.0f} ms "
                 f"gap95={result['gap95_ms']:6.1f} ms "
