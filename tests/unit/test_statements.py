@@ -73,3 +73,34 @@ def test_driver_errors_are_raised_as_sqlalchemys(engine: Engine) -> None:
         hot.run(connection, {"id": "twice", "created_at": datetime.now(UTC)})
         with pytest.raises(IntegrityError):
             hot.run(connection, {"id": "twice", "created_at": datetime.now(UTC)})
+
+
+def test_seqs_of_many_threads_are_taken_in_a_few_statements_and_rows_inserted_in_groups(
+    engine: Engine,
+) -> None:
+    with engine.begin() as connection:
+        queries.ensure_user(connection, user_id="u")
+        threads = [queries.create_thread(connection, user_id="u", title="t") for _ in range(300)]
+        # 300 threads: two chunks (256 + 44, the second padded to 64); counts differ per thread.
+        counts = {thread: 1 + i % 3 for i, thread in enumerate(threads)}
+        assert queries.reserve_seqs(connection, counts) == counts
+        again = queries.reserve_seqs(connection, {threads[0]: 5, threads[299]: 1})
+        assert again == {threads[0]: counts[threads[0]] + 5, threads[299]: counts[threads[299]] + 1}
+        with pytest.raises(LookupError):
+            queries.reserve_seqs(connection, {threads[1]: 1, "no such thread": 1})
+    rows: list[dict[str, object]] = [
+        {
+            "id": f"e{i}",
+            "thread_id": threads[i % 300],
+            "run_id": "r",
+            "seq": 1000 + i,
+            "type": "agent_message_delta",
+            "frame": "{}",
+            "created_at": datetime.now(UTC),
+        }
+        for i in range(333)  # groups of 128, 128, 64, 8, 4 and 1 rows
+    ]
+    with engine.begin() as connection:
+        queries.insert_events(connection, rows)
+        stored = connection.execute(text("SELECT id, seq FROM events ORDER BY seq")).all()
+    assert [(row.id, row.seq) for row in stored] == [(r["id"], r["seq"]) for r in rows]

@@ -24,6 +24,8 @@ from sqlalchemy.sql.expression import ClauseElement
 
 Params = Mapping[str, Any]
 _REQUIRED = object()
+# Parameters per statement within the limit of every SQLite build (999 before 3.32).
+_SQLITE_VARIABLES = 999
 # Each parameter in order: its name, SQLAlchemy's bind processor for its type, and the value the
 # statement itself gives it (a literal such as `status == 'running'`), if any.
 _Binds = tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]
@@ -65,14 +67,23 @@ class HotStatement:
                 cursor.close()
 
     def many(self, connection: Connection, rows: Sequence[Params]) -> None:
-        """Runs the statement once per row (an INSERT of many rows)."""
+        """Runs the statement (an INSERT) for every row. On SQLite as multi-row INSERTs: a
+        statement per row would let go of the GIL, and wait to win it back from the event
+        loop, once per row."""
         if connection.dialect.name != "sqlite":
             connection.execute(self.statement, list(rows))  # type: ignore[call-overload]
             return
         sql, binds = self._compiled(connection.dialect)
-        arguments = [_arguments(binds, row) for row in rows]
-        with _as_sqlalchemy_errors(connection, sql, arguments):
-            _driver(connection).executemany(sql, arguments)
+        head, values, group = sql.rpartition(" VALUES ")
+        if not values or not group.endswith(")"):
+            raise ValueError(f"not an INSERT ... VALUES statement: {sql}")
+        start = 0
+        for size in _row_groups(len(rows), max(1, _SQLITE_VARIABLES // len(binds))):
+            statement = f"{head} VALUES {', '.join([group] * size)}"
+            arguments = [v for row in rows[start : start + size] for v in _arguments(binds, row)]
+            with _as_sqlalchemy_errors(connection, statement, arguments):
+                _driver(connection).execute(statement, arguments).close()
+            start += size
 
     def _compiled(self, dialect: Dialect) -> tuple[str, _Binds]:
         if self._sqlite is None:
@@ -90,6 +101,18 @@ class HotStatement:
             )
             self._sqlite = (str(compiled), binds)
         return self._sqlite
+
+
+def _row_groups(rows: int, most: int) -> Iterator[int]:
+    """`rows` split into groups of powers of two of at most `most` rows (200 = 128 + 64 + 8):
+    a handful of statement texts, which the driver keeps prepared, serve every batch."""
+    largest = 1 << (most.bit_length() - 1)
+    while rows >= largest:
+        yield largest
+        rows -= largest
+    for bit in reversed(range(largest.bit_length())):
+        if rows & (1 << bit):
+            yield 1 << bit
 
 
 def _arguments(binds: _Binds, params: Params) -> tuple[Any, ...]:
