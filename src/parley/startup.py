@@ -172,6 +172,7 @@ async def _database_phase(ctx: _Context) -> Database:
         _ensure_writable_dir(path.parent, "the SQLite database directory")
     await db.ping()
     await db.migrate()
+    ctx.own(db.checkpoint_forever(), "sqlite-checkpointer")
     return db
 
 
