@@ -327,6 +327,15 @@ def openai_compatible_manager(
             timeout_s=timeout_s,
             max_retries=max_retries,
             max_connections=max_connections,
+            # What the SDK sends from its settings (OPENAI_ORG_ID, OPENAI_PROJECT_ID).
+            extra_headers={
+                name: value
+                for name, value in (
+                    ("OpenAI-Organization", client.organization),
+                    ("OpenAI-Project", client.project),
+                )
+                if value
+            },
         ),
         client=client,
         http_client=http_client,

@@ -62,23 +62,30 @@ class ChatCompletionsEndpoint:
         timeout_s: float,
         max_retries: int,
         max_connections: int,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._target = yarl.URL(self.url)  # parsed once, not on every request
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
+            # The answer is read as it streams: a compressed one could not be read line by
+            # line (and compression buffers what should flow).
+            "Accept-Encoding": "identity",
             # Local endpoints take no key; the SDK sends a placeholder, and so do we.
             "Authorization": f"Bearer {api_key or 'not-needed'}",
+            # E.g. the SDK's `OpenAI-Organization` / `OpenAI-Project`, when it has them.
+            **(extra_headers or {}),
         }
-        # As the SDK's: `timeout_s` bounds the connect (at most 5 s) and each wait for data,
-        # not the whole answer, which may stream for longer.
+        # As the SDK's: `timeout_s` bounds getting a connection, connecting (at most 5 s) and
+        # each wait for data, not the whole answer, which may stream for longer.
         self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(5.0, timeout_s), sock_read=timeout_s
+            total=None, connect=timeout_s, sock_connect=min(5.0, timeout_s), sock_read=timeout_s
         )
         self._max_retries = max_retries
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def open_stream(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """Send the request (retrying as the SDK does); returns the response with its body
@@ -110,15 +117,19 @@ class ChatCompletionsEndpoint:
             raise ProviderConnectionError(_describe(exc)) from exc
         if response.status < 400:
             return response
+        body = b""
         try:
-            body = await response.content.read(MAX_ERROR_BODY)
+            while len(body) < MAX_ERROR_BODY and (piece := await response.content.read(4096)):
+                body += piece
         except (aiohttp.ClientError, TimeoutError):
-            body = b""
+            pass  # the status says enough
         finally:
             response.release()
         raise ProviderHTTPError(response.status, self.url, response.headers, _error_message(body))
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ProviderConnectionError("the server is shutting down")
         # Made on first use, inside the event loop that will use it (aiohttp's rule).
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
@@ -126,14 +137,16 @@ class ChatCompletionsEndpoint:
                 # A model API sets no cookies worth keeping; the jar's filtering per request is
                 # work for nothing.
                 cookie_jar=aiohttp.DummyCookieJar(),
-                # The body is JSON the server decodes itself; nothing is gained by aiohttp
-                # decompressing a streamed answer chunk by chunk.
+                # Nothing to decompress: the request asks for the body as it is.
                 auto_decompress=False,
                 raise_for_status=False,
+                # As the SDK's client: HTTP(S)_PROXY, NO_PROXY and .netrc are honoured.
+                trust_env=True,
             )
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 
@@ -184,7 +197,12 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
             seconds = float(value) / divisor
         except ValueError:
             continue
-        return seconds if math.isfinite(seconds) else MAX_RETRY_AFTER_S + 1
+        if math.isfinite(seconds):
+            return seconds
+        # As the SDK: a number too large for a float is a wait too long to honour; a literal
+        # `inf` or `nan` names no wait at all (the backoff applies).
+        literal = value.strip().lower().lstrip("+") in ("inf", "infinity", "nan")
+        return None if literal else MAX_RETRY_AFTER_S + 1
     date = headers.get("retry-after")
     if date is None:
         return None

@@ -255,6 +255,23 @@ async def test_provider_refusing_the_api_key_is_a_non_retryable_llm_error(
     assert answered[-1]["content"] == "echo: hello with the right key"
 
 
+async def test_model_requests_carry_the_sdks_organization_and_project_and_ask_for_no_compression(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    server = spawn(OPENAI_ORG_ID="org-parley-test", OPENAI_PROJECT_ID="proj-parley-test")
+    t = fake_llm.script(trigger(), Text("headers seen"))
+    async with server.connect(unique_user()) as client:
+        accepted = await client.ask(f"which headers {t}")
+        events = await client.run_events(accepted["run_id"])
+    assert events[-1]["content"] == "headers seen"
+    (seen,) = fake_llm.seen_with(t)
+    assert seen.headers["openai-organization"] == "org-parley-test"
+    assert seen.headers["openai-project"] == "proj-parley-test"
+    # The answer is read line by line as it streams: a compressed body could not be.
+    assert seen.headers["accept-encoding"] == "identity"
+    assert seen.headers["authorization"].startswith("Bearer ")
+
+
 @pytest.mark.parametrize("failure", ["error_event", "disconnect"])
 async def test_provider_failing_after_half_the_answer_ends_the_run_once_with_what_was_streamed(
     server: ServerProcess, fake_llm: FakeLLM, failure: str

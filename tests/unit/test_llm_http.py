@@ -28,6 +28,10 @@ def test_retry_after_reads_milliseconds_first_then_seconds_then_an_http_date() -
     assert retry_after({"retry-after": in_ten}) == pytest.approx(10, abs=1.5)
     assert retry_after({"retry-after": "soon"}) is None
     assert retry_after({}) is None
+    # As the SDK: a number too large for a float is too long a wait; a literal inf names none.
+    assert retry_wait(refused(429, retry_after="1e400"), 0) is None
+    assert retry_after({"retry-after": "inf"}) is None
+    assert retry_wait(refused(429, retry_after="inf"), 0) is not None
 
 
 def test_only_what_the_sdk_retries_is_retried() -> None:
