@@ -42,6 +42,8 @@ _SQLITE_PRAGMAS = (
     "PRAGMA foreign_keys=ON",
     # Checkpoints are the checkpointer's (`Database.checkpoint_forever`), not a commit's.
     "PRAGMA wal_autocheckpoint=0",
+    # A WAL that grew in a burst is cut back to this when it starts over.
+    "PRAGMA journal_size_limit=67108864",
 )
 CHECKPOINT_INTERVAL_S = 1.0
 
@@ -166,7 +168,12 @@ class Database:
         while True:
             await asyncio.sleep(interval_s)
             try:
+                # Most of the copying beside the writer, then what came in meanwhile between
+                # two of the writer's transactions: there the checkpoint completes, and the
+                # next transaction starts the WAL over (beside a busy writer a checkpoint never
+                # catches up, and the WAL would grow for as long as the load lasts).
                 await loop.run_in_executor(self._read_threads, self._checkpoint)
+                await loop.run_in_executor(self._write_thread, self._checkpoint)
             except Exception:
                 log.exception("database.checkpoint_failed")
 
