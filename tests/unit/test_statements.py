@@ -12,13 +12,17 @@ from sqlalchemy import Engine, create_engine, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from parley.store import queries
+from parley.store.db import _configure_sqlite as configure_sqlite
 from parley.store.models import Base
 from parley.store.statements import HotStatement
 
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    """Set up as the event log's writer engine is (store/db.py): the driver in autocommit, and
+    transactions begun by SQLAlchemy with BEGIN IMMEDIATE."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'store.db'}", pool_reset_on_return=None)
+    configure_sqlite(engine, immediate=True)
     Base.metadata.create_all(engine)
     yield engine
     engine.dispose()
@@ -104,3 +108,20 @@ def test_seqs_of_many_threads_are_taken_in_a_few_statements_and_rows_inserted_in
         queries.insert_events(connection, rows)
         stored = connection.execute(text("SELECT id, seq FROM events ORDER BY seq")).all()
     assert [(row.id, row.seq) for row in stored] == [(r["id"], r["seq"]) for r in rows]
+
+
+def test_a_hot_statement_is_part_of_the_sqlalchemy_transaction_it_runs_in(engine: Engine) -> None:
+    hot = HotStatement(insert(queries.USERS), columns=["id", "created_at"])
+
+    def failing_batch() -> None:
+        with engine.begin() as connection:
+            hot.run(connection, {"id": "rolled back", "created_at": datetime.now(UTC)})
+            raise RuntimeError("the batch failed after this statement")
+
+    with pytest.raises(RuntimeError):
+        failing_batch()
+    with engine.begin() as connection:
+        hot.run(connection, {"id": "committed", "created_at": datetime.now(UTC)})
+    with engine.connect() as connection:
+        ids = connection.execute(select(queries.USERS.c.id)).scalars().all()
+    assert ids == ["committed"]
