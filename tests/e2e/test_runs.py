@@ -272,6 +272,24 @@ async def test_model_requests_carry_the_sdks_organization_and_project_and_ask_fo
     assert seen.headers["authorization"].startswith("Bearer ")
 
 
+async def test_model_requests_go_through_the_proxy_the_environment_names(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    # The provider's name does not resolve: only the proxy (here the scripted provider itself,
+    # which serves a proxied request's path) can carry the request.
+    server = spawn(
+        LLM_BASE_URL="http://provider.invalid/v1", HTTP_PROXY=f"http://127.0.0.1:{fake_llm.port}"
+    )
+    t = fake_llm.script(trigger(), Text("through the proxy"))
+    async with server.connect(unique_user()) as client:
+        accepted = await client.ask(f"proxied {t}")
+        events = await client.run_events(accepted["run_id"])
+    assert events[-1]["type"] == "agent_completed", events[-1]
+    assert events[-1]["content"] == "through the proxy"
+    (seen,) = fake_llm.seen_with(t)
+    assert seen.headers["host"] == "provider.invalid"
+
+
 @pytest.mark.parametrize("failure", ["error_event", "disconnect"])
 async def test_provider_failing_after_half_the_answer_ends_the_run_once_with_what_was_streamed(
     server: ServerProcess, fake_llm: FakeLLM, failure: str
