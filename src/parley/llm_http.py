@@ -245,6 +245,6 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):  # asyncio's and aiohttp's timeouts are TimeoutErrors
         return "timed out"
     return str(exc) or type(exc).__name__

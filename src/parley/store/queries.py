@@ -264,7 +264,7 @@ def reserve_seqs(connection: Connection, counts: dict[str, int]) -> dict[str, in
 
     One UPDATE for up to `RESERVE_CHUNK` threads rather than one per thread: on PostgreSQL a
     statement is a round trip, and on SQLite each statement lets go of the GIL and must win it
-    back from the event loop (a 200-thread batch took 40-70 ms that way). Two writers cannot
+    back from the event loop, which holds it most of the time under load. Two writers cannot
     deadlock on it: `id IN (...)` on the primary key is an index scan that visits (and locks)
     the rows in key order whatever order the list is in, and the chunks go in key order too; a
     deadlock that did happen is a transient error the event log retries."""

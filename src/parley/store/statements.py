@@ -44,27 +44,15 @@ class HotStatement:
     def rows(self, connection: Connection, params: Params) -> Sequence[Sequence[Any]]:
         if connection.dialect.name != "sqlite":
             return connection.execute(self.statement, params).all()  # type: ignore[call-overload,no-any-return]
-        sql, binds = self._compiled(connection.dialect)
-        arguments = _arguments(binds, params)
-        with _as_sqlalchemy_errors(connection, sql, arguments):
-            cursor = _driver(connection).execute(sql, arguments)
-            try:
-                return cursor.fetchall()  # type: ignore[no-any-return]
-            finally:
-                cursor.close()
+        with self._sqlite_cursor(connection, params) as cursor:
+            return cursor.fetchall()  # type: ignore[no-any-return]
 
     def run(self, connection: Connection, params: Params) -> int:
         """Runs the statement; returns the number of rows it changed."""
         if connection.dialect.name != "sqlite":
             return int(connection.execute(self.statement, params).rowcount)  # type: ignore[call-overload]
-        sql, binds = self._compiled(connection.dialect)
-        arguments = _arguments(binds, params)
-        with _as_sqlalchemy_errors(connection, sql, arguments):
-            cursor = _driver(connection).execute(sql, arguments)
-            try:
-                return int(cursor.rowcount)
-            finally:
-                cursor.close()
+        with self._sqlite_cursor(connection, params) as cursor:
+            return int(cursor.rowcount)
 
     def many(self, connection: Connection, rows: Sequence[Params]) -> None:
         """Runs the statement (an INSERT) for every row. On SQLite as multi-row INSERTs: a
@@ -84,6 +72,19 @@ class HotStatement:
             with _as_sqlalchemy_errors(connection, statement, arguments):
                 _driver(connection).execute(statement, arguments).close()
             start += size
+
+    @contextlib.contextmanager
+    def _sqlite_cursor(self, connection: Connection, params: Params) -> Iterator[Any]:
+        """The driver's cursor after running the statement once with `params`."""
+        sql, binds = self._compiled(connection.dialect)
+        arguments = _arguments(binds, params)
+        # Reading the rows steps the statement on: its errors are translated too.
+        with _as_sqlalchemy_errors(connection, sql, arguments):
+            cursor = _driver(connection).execute(sql, arguments)
+            try:
+                yield cursor
+            finally:
+                cursor.close()
 
     def _compiled(self, dialect: Dialect) -> tuple[str, _Binds]:
         if self._sqlite is None:

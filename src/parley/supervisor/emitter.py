@@ -39,8 +39,6 @@ class RunEmitter:
         window_s: float = DELTA_WINDOW_S,
     ) -> None:
         self._user_id = user_id
-        self._thread_id = thread_id
-        self._run_id = run_id
         self._tag = {"thread_id": thread_id, "run_id": run_id}
         self._log = event_log
         self._window_s = window_s
@@ -105,7 +103,7 @@ class RunEmitter:
         text = "".join(self._pending)
         self._pending.clear()
         # Made tagged, not copied: this runs for every delta.
-        delta = AgentMessageDelta(text=text, thread_id=self._thread_id, run_id=self._run_id)
+        delta = AgentMessageDelta(text=text, **self._tag)
         self._track(self._log.submit(self._user_id, delta))
 
     def _track(self, future: asyncio.Future[RunEvent]) -> None:
