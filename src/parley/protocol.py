@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -44,7 +45,19 @@ _TOKEN_CHARACTERS = re.compile(r"[!-~]+")
 
 
 def utc_now_iso() -> str:
-    return utc_iso(datetime.now(UTC))
+    """Now, as `utc_iso` writes it. Every frame is stamped, so this is on the hot path: the
+    date and time to the second are formatted once a second, only the milliseconds each call
+    (a quarter of what `datetime.isoformat` costs)."""
+    global _second_text
+    now = time.time()
+    second = int(now)
+    cached = _second_text  # one read: another thread may replace it (database threads stamp)
+    if cached[0] != second:
+        cached = _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
+
+
+_second_text: tuple[int, str] = (-1, "")  # the second `utc_now_iso` formatted last, as text
 
 
 def utc_iso(moment: datetime) -> str:
@@ -275,6 +288,21 @@ class RunEvent(ServerFrame):
     run_id: str = ""
     seq: int = 0
     event_id: str = ""
+
+    def to_json_stored(self, seq: int, event_id: str) -> str:
+        """The frame of this event once stored as `seq` with `event_id`: the same text as
+        `self.model_copy(update={"seq": seq, "event_id": event_id}).to_json()`, without the
+        copy, which cost more than the rest of storing a streamed delta. The envelope is
+        serialized before any field of a subclass and no string can hold it unescaped, so
+        its first occurrence is the envelope's."""
+        frame = self.to_json()
+        if self.seq != 0 or self.event_id != "" or _UNSTORED_ENVELOPE not in frame:
+            return self.model_copy(update={"seq": seq, "event_id": event_id}).to_json()
+        stored = f'"seq":{seq},"event_id":{json.dumps(event_id)}'
+        return frame.replace(_UNSTORED_ENVELOPE, stored, 1)
+
+
+_UNSTORED_ENVELOPE = '"seq":0,"event_id":""'
 
 
 class AgentStarted(RunEvent):

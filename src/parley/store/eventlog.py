@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -105,6 +104,10 @@ class _Work:
     user_id: str
     item: Intake | Finish | RunEvent
     done: asyncio.Future[Any]
+    # Whether the submitter reads the stored event back (with its seq and id): streamed text
+    # and progress notes are only waited for, and copying a frozen event costs more than
+    # storing it.
+    wants_event: bool = True
 
 
 # ---------------------------------------------------------------------------- the log
@@ -136,6 +139,11 @@ class EventLog:
         and event id, once it is committed and published."""
         return self._enqueue(user_id, event)
 
+    def post(self, user_id: str, event: RunEvent) -> asyncio.Future[None]:
+        """`submit` for a submitter that only needs to know the event is stored: the future
+        gets None once it is committed and published."""
+        return self._enqueue(user_id, event, wants_event=False)
+
     async def append(self, user_id: str, event: E) -> E:
         """`submit` and wait for the event to be stored."""
         stored: E = await asyncio.shield(self.submit(user_id, event))
@@ -153,10 +161,12 @@ class EventLog:
         result: RunEvent | None = await asyncio.shield(self._enqueue(finish.user_id, finish))
         return result
 
-    def _enqueue(self, user_id: str, item: Intake | Finish | RunEvent) -> asyncio.Future[Any]:
+    def _enqueue(
+        self, user_id: str, item: Intake | Finish | RunEvent, *, wants_event: bool = True
+    ) -> asyncio.Future[Any]:
         if self._closed:
             raise Unavailable("the event log is closed")
-        work = _Work(user_id, item, asyncio.get_running_loop().create_future())
+        work = _Work(user_id, item, asyncio.get_running_loop().create_future(), wants_event)
         if self._outage.active and (refusal := self._outage_refusal(item)) is not None:
             work.done.set_exception(refusal)
             return work.done
@@ -226,9 +236,7 @@ class EventLog:
         for work, result in zip(batch, results, strict=True):
             if isinstance(work.item, Intake) and isinstance(result, Accepted):
                 _notify_stored(work.item, result)
-        self._bus.publish(
-            [Delivery(user_id, e.thread_id, e.seq, frame) for user_id, e, frame in stored]
-        )
+        self._bus.publish(stored)
         for work, result in zip(batch, results, strict=True):
             if work.done.done():
                 continue  # the submitter gave up waiting (it was cancelled)
@@ -291,9 +299,7 @@ class EventLog:
 
     # ------------------------------------------------------------------ one transaction
 
-    async def _persist(
-        self, batch: list[_Work]
-    ) -> tuple[list[Any], list[tuple[str, RunEvent, str]]]:
+    async def _persist(self, batch: list[_Work]) -> tuple[list[Any], list[Delivery]]:
         """One transaction for the batch (see `_persist_batch`)."""
         fence = not self._db.is_sqlite  # SQLite has one instance: no peer ends its runs
         return await self._db.run_write(lambda connection: _persist_batch(connection, batch, fence))
@@ -321,9 +327,9 @@ def _notify_stored(intake: Intake, accepted: Accepted) -> None:
 
 def _persist_batch(
     connection: Connection, batch: list[_Work], fence: bool
-) -> tuple[list[Any], list[tuple[str, RunEvent, str]]]:
-    """Store the batch. Returns each work's result (in order) and the stored events with their
-    frames (in seq order per thread)."""
+) -> tuple[list[Any], list[Delivery]]:
+    """Store the batch. Returns each work's result (in order) and the stored events to deliver
+    (in seq order per thread)."""
     results: list[Any] = []
     to_store: list[tuple[_Work, RunEvent]] = []
     for work in batch:
@@ -343,15 +349,16 @@ def _persist_batch(
             to_store.append((work, item))
     if fence:
         to_store = _fence(connection, batch, results, to_store)
-    stored = _insert_events(connection, [event for _, event in to_store])
-    by_work = {id(work): event for (work, _), (event, _f) in zip(to_store, stored, strict=True)}
+    envelopes = _insert_events(connection, [event for _, event in to_store])
+    wanted: dict[int, RunEvent] = {}
+    deliveries: list[Delivery] = []
+    for (work, event), (seq, event_id, frame) in zip(to_store, envelopes, strict=True):
+        deliveries.append(Delivery(work.user_id, event.thread_id, seq, frame))
+        if work.wants_event and not isinstance(work.item, Intake):
+            wanted[id(work)] = event.model_copy(update={"seq": seq, "event_id": event_id})
     for index, work in enumerate(batch):
-        if not isinstance(results[index], Accepted | BaseException) and id(work) in by_work:
-            results[index] = by_work[id(work)]
-    deliveries = [
-        (work.user_id, event, frame)
-        for (work, _), (event, frame) in zip(to_store, stored, strict=True)
-    ]
+        if not isinstance(results[index], Accepted | BaseException) and id(work) in wanted:
+            results[index] = wanted[id(work)]
     return results, deliveries
 
 
@@ -487,8 +494,8 @@ def _finish(connection: Connection, finish: Finish) -> bool:
     return ended
 
 
-def _insert_events(connection: Connection, events: list[RunEvent]) -> list[tuple[RunEvent, str]]:
-    """Give each event its seq and id and insert them; returns them with their frames."""
+def _insert_events(connection: Connection, events: list[RunEvent]) -> list[tuple[int, str, str]]:
+    """Give each event its seq and id and insert them; returns each one's seq, id and frame."""
     if not events:
         return []
     counts: dict[str, int] = {}
@@ -496,25 +503,24 @@ def _insert_events(connection: Connection, events: list[RunEvent]) -> list[tuple
         counts[event.thread_id] = counts.get(event.thread_id, 0) + 1
     last = queries.reserve_seqs(connection, counts)
     next_seq = {thread_id: last[thread_id] - count + 1 for thread_id, count in counts.items()}
-    stored: list[tuple[RunEvent, str]] = []
+    envelopes: list[tuple[int, str, str]] = []
     rows: list[dict[str, object]] = []
     now = utcnow()
-    for event in events:
+    for event, event_id in zip(events, queries.new_ids(len(events)), strict=True):
         seq = next_seq[event.thread_id]
         next_seq[event.thread_id] = seq + 1
-        numbered = event.model_copy(update={"seq": seq, "event_id": str(uuid.uuid4())})
-        frame = numbered.to_json()
-        stored.append((numbered, frame))
+        frame = event.to_json_stored(seq, event_id)
+        envelopes.append((seq, event_id, frame))
         rows.append(
             {
-                "id": numbered.event_id,
-                "thread_id": numbered.thread_id,
-                "run_id": numbered.run_id,
+                "id": event_id,
+                "thread_id": event.thread_id,
+                "run_id": event.run_id,
                 "seq": seq,
-                "type": numbered.type,
+                "type": event.type,
                 "frame": frame,
                 "created_at": now,
             }
         )
     queries.insert_events(connection, rows)
-    return stored
+    return envelopes

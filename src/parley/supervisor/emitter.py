@@ -44,7 +44,7 @@ class RunEmitter:
         self._window_s = window_s
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._in_flight: list[asyncio.Future[RunEvent]] = []
+        self._in_flight: list[asyncio.Future[None]] = []
         self._failure: BaseException | None = None
         self._closed = False
 
@@ -77,7 +77,7 @@ class RunEmitter:
             raise RunClosed
         self._flush_text()
         self._raise_failure()
-        self._track(self._log.submit(self._user_id, self._tagged(event)))
+        self._track(self._log.post(self._user_id, self._tagged(event)))
 
     async def drain(self) -> None:
         """Submit pending text and wait until everything emitted is stored; raises the first
@@ -104,13 +104,13 @@ class RunEmitter:
         self._pending.clear()
         # Made tagged, not copied: this runs for every delta.
         delta = AgentMessageDelta(text=text, **self._tag)
-        self._track(self._log.submit(self._user_id, delta))
+        self._track(self._log.post(self._user_id, delta))
 
-    def _track(self, future: asyncio.Future[RunEvent]) -> None:
+    def _track(self, future: asyncio.Future[None]) -> None:
         future.add_done_callback(self._settled)
         self._in_flight.append(future)
 
-    def _settled(self, future: asyncio.Future[RunEvent]) -> None:
+    def _settled(self, future: asyncio.Future[None]) -> None:
         if future.cancelled():
             return
         error = future.exception()
