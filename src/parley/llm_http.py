@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import yarl
 from aiohttp.helpers import get_env_proxy_for_url
+from pydantic_core import to_json
 
 # The SDK's constants (openai/_constants.py).
 INITIAL_RETRY_DELAY_S = 0.5
@@ -101,7 +102,7 @@ class ChatCompletionsEndpoint:
     async def open_stream(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """Send the request (retrying as the SDK does); returns the response with its body
         unread. Raises `ProviderHTTPError` or `ProviderConnectionError`."""
-        payload = json.dumps(body).encode()
+        payload = to_json(body)  # pydantic-core's encoder: a quarter of `json.dumps`'s cost
         # A loop of our own, not stamina's (used at startup): its per-call setup cost about as
         # much as the request itself on this path (bench/README.md).
         retries = 0
@@ -162,20 +163,22 @@ class ChatCompletionsEndpoint:
             await self._session.close()
 
 
-async def sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The lines of a streamed body (without their line ends), as they arrive. Reading chunks
-    and splitting them here costs one await per network read rather than one per line."""
+async def sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The lines of a streamed body (without their line ends), as they arrive: each step gives
+    the complete lines of one network read. A model sends a token per read, and one step per
+    read (rather than per line, and straight from `readany` rather than through aiohttp's
+    iterator) is the least a token can cost here."""
     rest = b""
+    content = response.content
     try:
-        async for chunk in response.content.iter_any():
+        while chunk := await content.readany():
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
-            for line in lines:
-                yield line.rstrip(b"\r")
+            yield [line.rstrip(b"\r") for line in lines]
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ProviderConnectionError(_describe(exc)) from exc
     if rest:
-        yield rest.rstrip(b"\r")
+        yield [rest.rstrip(b"\r")]
 
 
 def retry_wait(exc: ProviderHTTPError | ProviderConnectionError, retries: int) -> float | None:
