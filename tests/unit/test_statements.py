@@ -4,7 +4,7 @@ error types, so the rest of the store cannot tell it from a SQLAlchemy execution
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -92,6 +92,7 @@ def test_seqs_of_many_threads_are_taken_in_a_few_statements_and_rows_inserted_in
         assert again == {threads[0]: counts[threads[0]] + 5, threads[299]: counts[threads[299]] + 1}
         with pytest.raises(LookupError):
             queries.reserve_seqs(connection, {threads[1]: 1, "no such thread": 1})
+    shared = datetime(2026, 12, 3, 17, 0, 0, 123456, tzinfo=UTC)
     rows: list[dict[str, object]] = [
         {
             "id": f"e{i}",
@@ -100,13 +101,18 @@ def test_seqs_of_many_threads_are_taken_in_a_few_statements_and_rows_inserted_in
             "seq": 1000 + i,
             "type": "agent_message_delta",
             "frame": "{}",
-            "created_at": datetime.now(UTC),
+            # Half the rows share one time stamp object (converted once), half have their own.
+            "created_at": shared if i % 2 else shared + timedelta(seconds=i),
         }
         for i in range(333)  # groups of 128, 128, 64, 8, 4 and 1 rows
     ]
     with engine.begin() as connection:
         queries.insert_events(connection, rows)
         stored = connection.execute(text("SELECT id, seq FROM events ORDER BY seq")).all()
+        moments = connection.execute(
+            select(queries.EVENTS.c.created_at).order_by(queries.EVENTS.c.seq)
+        ).scalars()
+        assert [m.replace(tzinfo=UTC) for m in moments] == [r["created_at"] for r in rows]
     assert [(row.id, row.seq) for row in stored] == [(r["id"], r["seq"]) for r in rows]
 
 
