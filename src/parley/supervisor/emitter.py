@@ -42,6 +42,7 @@ class RunEmitter:
         self._tag = {"thread_id": thread_id, "run_id": run_id}
         self._log = event_log
         self._window_s = window_s
+        self._loop = asyncio.get_running_loop()  # a run's emitter is made in the serving loop
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._in_flight: list[asyncio.Future[None]] = []
@@ -56,8 +57,7 @@ class RunEmitter:
             return
         self._pending.append(chunk)
         if self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._window_s, self._flush_text)
+            self._timer = self._loop.call_later(self._window_s, self._flush_text)
 
     async def emit(self, event: E) -> E:
         """Store `event` after any pending text; returns it stored (with seq)."""
