@@ -4,8 +4,9 @@
 Why not the SDK's client for this request: under load its request building (header merging,
 URL re-parsing, its JSON encoder) and the httpx2 client stack in front of its aiohttp transport
 were 43 % of a whole run's CPU, several times the cost of the request itself
-(bench/README.md). Here the URL and headers are built once and the request goes straight to
-aiohttp. The SDK's behaviour is kept (`openai._base_client`), so a provider sees the same
+(bench/README.md). Here the URL and headers are built once and the request goes out through
+`http_stream.StreamPool`, which pushes the body to the reader as it arrives (through a proxy,
+through aiohttp). The SDK's behaviour is kept (`openai._base_client`), so a provider sees the same
 client: a Bearer key; connection errors, timeouts and HTTP 408, 409, 429 and 5xx retried
 (`x-should-retry` obeyed), after `retry-after-ms` / `Retry-After` when the provider names a
 wait of up to two minutes, else after a jittered exponential backoff from 0.5 s up to 8 s.
@@ -22,13 +23,16 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import aiohttp
 import yarl
 from aiohttp.helpers import get_env_proxy_for_url
 from pydantic_core import to_json
+
+from parley import __version__
+from parley.http_stream import BodySink, StreamPool
 
 # The SDK's constants (openai/_constants.py).
 INITIAL_RETRY_DELAY_S = 0.5
@@ -55,6 +59,16 @@ class ProviderConnectionError(Exception):
     chained (`__cause__`), e.g. ConnectionRefusedError."""
 
 
+class ModelResponse(Protocol):
+    """A streamed answer whose status is 2xx and whose body is still to come."""
+
+    async def stream(self, sink: BodySink) -> None:
+        """Push the body to `sink` as it arrives; returns at its end."""
+
+    def release(self) -> None:
+        """Done with it (read to its end or not); call once."""
+
+
 class ChatCompletionsEndpoint:
     """POSTs streamed chat-completions requests to one OpenAI-compatible endpoint."""
 
@@ -78,6 +92,7 @@ class ChatCompletionsEndpoint:
             "Accept-Encoding": "identity",
             # Local endpoints take no key; the SDK sends a placeholder, and so do we.
             "Authorization": f"Bearer {api_key or 'not-needed'}",
+            "User-Agent": f"Parley/{__version__}",
             # E.g. the SDK's `OpenAI-Organization` / `OpenAI-Project`, when it has them.
             **(extra_headers or {}),
         }
@@ -96,10 +111,12 @@ class ChatCompletionsEndpoint:
         if not _is_loopback(self._target.host):  # a local model is never behind a proxy
             with contextlib.suppress(LookupError):
                 self._proxy, self._proxy_auth = get_env_proxy_for_url(self._target)
+        self._timeout_s = timeout_s
+        self._pool: StreamPool | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
-    async def open_stream(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def open_stream(self, body: dict[str, Any]) -> ModelResponse:
         """Send the request (retrying as the SDK does); returns the response with its body
         unread. Raises `ProviderHTTPError` or `ProviderConnectionError`."""
         payload = to_json(body)  # pydantic-core's encoder: a quarter of `json.dumps`'s cost
@@ -116,7 +133,26 @@ class ChatCompletionsEndpoint:
             retries += 1
             await asyncio.sleep(wait)
 
-    async def _post(self, payload: bytes) -> aiohttp.ClientResponse:
+    async def _post(self, payload: bytes) -> ModelResponse:
+        if self._proxy is not None:
+            return await self._post_through_proxy(payload)
+        pool = self._pool_for_loop()
+        try:
+            response = await pool.post(payload)
+        except (OSError, TimeoutError) as exc:
+            raise ProviderConnectionError(_describe(exc)) from exc
+        if response.status < 400:
+            return response
+        body = b""
+        try:
+            body = await response.read(MAX_ERROR_BODY)
+        except (OSError, TimeoutError):
+            pass  # the status says enough
+        finally:
+            response.release()
+        raise ProviderHTTPError(response.status, self.url, response.headers, _error_message(body))
+
+    async def _post_through_proxy(self, payload: bytes) -> ModelResponse:
         session = self._session_for_loop()
         try:
             response = await session.post(
@@ -130,7 +166,7 @@ class ChatCompletionsEndpoint:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderConnectionError(_describe(exc)) from exc
         if response.status < 400:
-            return response
+            return _AiohttpResponse(response)
         body = b""
         try:
             while len(body) < MAX_ERROR_BODY and (piece := await response.content.read(4096)):
@@ -140,6 +176,20 @@ class ChatCompletionsEndpoint:
         finally:
             response.release()
         raise ProviderHTTPError(response.status, self.url, response.headers, _error_message(body))
+
+    def _pool_for_loop(self) -> StreamPool:
+        if self._closed:
+            raise ProviderConnectionError("the server is shutting down")
+        # Made on first use, inside the event loop that will use it (its connections are).
+        if self._pool is None:
+            self._pool = StreamPool(
+                self._target,
+                headers=self._headers,
+                timeout_s=self._timeout_s,
+                connect_timeout_s=min(5.0, self._timeout_s),
+                max_connections=self._max_connections,
+            )
+        return self._pool
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -159,26 +209,34 @@ class ChatCompletionsEndpoint:
 
     async def close(self) -> None:
         self._closed = True
+        if self._pool is not None:
+            await self._pool.close()
         if self._session is not None:
             await self._session.close()
 
 
-async def sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-    """The lines of a streamed body (without their line ends), as they arrive: each step gives
-    the complete lines of one network read. A model sends a token per read, and one step per
-    read (rather than per line, and straight from `readany` rather than through aiohttp's
-    iterator) is the least a token can cost here."""
-    rest = b""
-    content = response.content
-    try:
+class _AiohttpResponse:
+    """An aiohttp response (through a proxy) as a `ModelResponse`."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def stream(self, sink: BodySink) -> None:
+        content = self._response.content
         while chunk := await content.readany():
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop()
-            yield [line.rstrip(b"\r") for line in lines]
-    except (aiohttp.ClientError, TimeoutError) as exc:
+            sink(chunk)
+
+    def release(self) -> None:
+        self._response.release()
+
+
+async def read_body(response: ModelResponse, sink: BodySink) -> None:
+    """Push the streamed body to `sink`; a failure of the connection, or no data for the
+    timeout, is a `ProviderConnectionError` (what `sink` raises passes through)."""
+    try:
+        await response.stream(sink)
+    except (OSError, aiohttp.ClientError, TimeoutError) as exc:
         raise ProviderConnectionError(_describe(exc)) from exc
-    if rest:
-        yield [rest.rstrip(b"\r")]
 
 
 def retry_wait(exc: ProviderHTTPError | ProviderConnectionError, retries: int) -> float | None:

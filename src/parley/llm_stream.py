@@ -1,8 +1,9 @@
 """One streamed chat-completions request to an OpenAI-compatible model: the hot path per token.
 
 The request goes out through `ChatCompletionsEndpoint` (llm_http.py: the OpenAI SDK's retry and
-timeout behaviour, without its per-request cost); its body is read here, line by line, with
-pydantic-core's JSON parser (jiter: a quarter of `json.loads`'s cost on a chunk).
+timeout behaviour, without its per-request cost); its body is pushed here as it arrives, and
+read line by line with pydantic-core's JSON parser (jiter: a quarter of `json.loads`'s cost on
+a chunk).
 Why not the SDK's chunk objects or pydantic-ai's streamed response: a streamed token is the
 unit of work a chat server does most, and building a pydantic `ChatCompletionChunk` plus
 pydantic-ai's part/event objects and its stack of async-iterator wrappers cost about ten times
@@ -12,13 +13,13 @@ costs one `from_json` and one callback.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic_core import from_json
 
-from parley.llm_http import ChatCompletionsEndpoint, sse_lines
+from parley.llm_http import ChatCompletionsEndpoint, read_body
 
 
 class StreamFailed(Exception):
@@ -53,16 +54,12 @@ async def stream_step(
     tools: list[dict[str, Any]],
     settings: dict[str, Any],
     on_text: Callable[[str], None],
-    on_reasoning: Callable[[str], Awaitable[None]],
+    on_reasoning: Callable[[str], None],
 ) -> StepResult:
     """Send `messages` and stream the answer: text goes to `on_text` as it arrives; reasoning
     text (some providers stream the model's thoughts first) goes to `on_reasoning` once it is
     complete, before the text that follows it; tool calls are collected and returned with the
     token usage (when reported)."""
-    text: list[str] = []
-    reasoning: list[str] = []
-    calls: dict[int, ToolCallRequest] = {}
-    usage: dict[str, Any] = {}
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
@@ -72,44 +69,72 @@ async def stream_step(
     }
     if tools:
         body["tools"] = tools
+    reader = _StreamReader(on_text, on_reasoning)
     response = await endpoint.open_stream(body)
     try:
-        async for lines in sse_lines(response):
-            for line in lines:
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, `event:` lines
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    # Read on to the end of the body (nothing follows but the chunked
-                    # terminator), so the connection goes back to the pool, not closed.
-                    continue
-                chunk = from_json(data)
-                if "error" in chunk:
-                    raise StreamFailed(_error_text(chunk["error"]))
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    if thought := delta.get("reasoning_content") or delta.get("reasoning"):
-                        reasoning.append(thought)
-                    if reasoning and (delta.get("content") or delta.get("tool_calls")):
-                        await on_reasoning("".join(reasoning))
-                        reasoning.clear()
-                    if content := delta.get("content"):
-                        text.append(content)
-                        on_text(content)
-                    for call in delta.get("tool_calls") or ():
-                        _add_tool_call_delta(calls, call)
+        # Read to the end of the body, past `[DONE]` (nothing follows but the chunked
+        # terminator), so that the connection is kept for the next request.
+        await read_body(response, reader.feed)
     finally:
         response.release()
-    if reasoning:
-        await on_reasoning("".join(reasoning))
-    return StepResult(
-        text="".join(text),
-        tool_calls=[calls[i] for i in sorted(calls)],
-        input_tokens=int(usage.get("prompt_tokens") or 0),
-        output_tokens=int(usage.get("completion_tokens") or 0),
-    )
+    return reader.result()
+
+
+class _StreamReader:
+    """The answer's server-sent events, fed as the body arrives (one network read at a time;
+    a model sends a token per read): called from the connection's protocol, so it never
+    waits."""
+
+    def __init__(self, on_text: Callable[[str], None], on_reasoning: Callable[[str], None]):
+        self._on_text = on_text
+        self._on_reasoning = on_reasoning
+        self._rest = b""
+        self._text: list[str] = []
+        self._reasoning: list[str] = []
+        self._calls: dict[int, ToolCallRequest] = {}
+        self._usage: dict[str, Any] = {}
+
+    def feed(self, data: bytes) -> None:
+        lines = (self._rest + data).split(b"\n")
+        self._rest = lines.pop()
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, `event:` lines
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                continue
+            chunk = from_json(payload)
+            if "error" in chunk:
+                raise StreamFailed(_error_text(chunk["error"]))
+            if chunk.get("usage"):
+                self._usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if thought := delta.get("reasoning_content") or delta.get("reasoning"):
+                    self._reasoning.append(thought)
+                if self._reasoning and (delta.get("content") or delta.get("tool_calls")):
+                    self._reasoning_done()
+                if content := delta.get("content"):
+                    self._text.append(content)
+                    self._on_text(content)
+                for call in delta.get("tool_calls") or ():
+                    _add_tool_call_delta(self._calls, call)
+
+    def result(self) -> StepResult:
+        if self._rest.strip():
+            self.feed(b"\n")  # a last line without its line end
+        if self._reasoning:
+            self._reasoning_done()
+        return StepResult(
+            text="".join(self._text),
+            tool_calls=[self._calls[i] for i in sorted(self._calls)],
+            input_tokens=int(self._usage.get("prompt_tokens") or 0),
+            output_tokens=int(self._usage.get("completion_tokens") or 0),
+        )
+
+    def _reasoning_done(self) -> None:
+        self._on_reasoning("".join(self._reasoning))
+        self._reasoning.clear()
 
 
 def _add_tool_call_delta(calls: dict[int, ToolCallRequest], delta: dict[str, Any]) -> None:

@@ -95,9 +95,11 @@ async def run_agent(
         answer.append(text)
         deps.text(text)
 
-    async def think(text: str) -> None:
+    def think(text: str) -> None:
+        # Posted, not awaited: it is called from the stream as it is read. The event log keeps
+        # the run's order, so the thought still comes before the text that follows it.
         if text.strip():
-            await deps.emit(AgentThinking(text=text.strip()))
+            deps.post(AgentThinking(text=text.strip()))
 
     input_tokens = output_tokens = 0
     empty_answers = 0
