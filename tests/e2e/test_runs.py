@@ -504,6 +504,31 @@ async def test_provider_slower_than_llm_timeout_s_ends_the_run_with_llm_unavaila
     assert elapsed < 15
 
 
+async def test_provider_stalling_mid_answer_longer_than_llm_timeout_s_ends_the_run_once(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    # Each piece comes well within the timeout until the stall: the read timeout is measured
+    # from the last piece, not from the request.
+    answer = "".join(f"piece{i:02d} " for i in range(12))
+    half = len(answer) // 2
+    server = spawn(LLM_TIMEOUT_S="1", RUN_TIMEOUT_S="30")
+    t = fake_llm.script(trigger(), Text(answer, chunk=8, delay_s=0.3, pause_after=half, pause_s=20))
+    user = unique_user()
+    async with server.connect(user) as client:
+        accepted = await client.ask(f"stall halfway {t}")
+        started = time.monotonic()
+        events = await client.run_events(accepted["run_id"], timeout=15)
+        elapsed = time.monotonic() - started
+    assert events[-1]["type"] == "agent_error"
+    assert events[-1]["code"] == "llm_unavailable"
+    assert events[-1]["retryable"] is True
+    assert deltas(events) == answer[:half]  # what came before the stall, once
+    # The pieces before the stall took ~2.1 s, then the 1 s timeout: measured from the request
+    # it would have ended after 1 s.
+    assert 2.5 <= elapsed < 12
+    assert await stored_events(server, user, accepted["thread_id"]) == events
+
+
 async def test_run_that_exceeds_its_deadline_ends_with_timeout(
     spawn: SpawnServer, fake_llm: FakeLLM
 ) -> None:

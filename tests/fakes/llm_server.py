@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -42,6 +42,8 @@ class Text:
     server error after the headers) or by dropping the connection (`failure="disconnect"`).
     `usage=False` never reports usage (like llama.cpp's server when streaming); otherwise usage
     is sent only when the request asks for it (`stream_options.include_usage`), as OpenAI does.
+    `pause_after` stops sending after that many characters for `pause_s` (a provider that
+    stalls mid-answer).
     """
 
     text: str
@@ -51,6 +53,8 @@ class Text:
     fail_after: int | None = None
     failure: str = "error_event"
     usage: bool = True
+    pause_after: int | None = None
+    pause_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -335,6 +339,9 @@ async def _sse(turn: Text | ToolCall, model: str, include_usage: bool) -> AsyncI
         for start in range(0, end, turn.chunk):
             if turn.delay_s:
                 await asyncio.sleep(turn.delay_s)
+            if turn.pause_after is not None and start >= turn.pause_after:
+                await asyncio.sleep(turn.pause_s)
+                turn = replace(turn, pause_after=None)
             yield chunk({"content": turn.text[start : min(start + turn.chunk, end)]})
         if turn.fail_after is not None:
             if turn.failure == "disconnect":
