@@ -12,22 +12,40 @@ timeouts, kept to what the aiohttp path did:
 - getting a connection waits at most `timeout_s` for a free one, connecting at most
   `connect_timeout_s`;
 - the response and each piece of its body must come within `timeout_s` of the last;
+- connecting tries a host's addresses as aiohttp does (happy eyeballs, 250 ms apart), so a
+  host whose IPv6 is broken is still reached over IPv4;
 - a connection is kept for the next request when the response allows it (keep-alive) and was
-  read to its end; a kept connection the provider closed meanwhile is replaced at once, not
-  counted as a failure.
+  read to its end, for at most `KEEPALIVE_S` idle (aiohttp's figure); if the provider closed a
+  kept connection just as the request went out, the request is sent again on a new one, once;
+- interim responses (1xx) are skipped; anything after the response closes the connection.
+Redirects are not followed here: the caller gets the 3xx (llm_http.py hands those to aiohttp).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+import time
 from collections.abc import Callable, Mapping
 
+import aiohappyeyeballs
 import httptools
 import yarl
 
 BodySink = Callable[[bytes], None]
+
+KEEPALIVE_S = 15.0
+HAPPY_EYEBALLS_DELAY_S = 0.25
+
+
+def tls_context() -> ssl.SSLContext:
+    """The context for https providers: the system's trust store, HTTP/1.1 offered by ALPN.
+    Loading the trust store blocks (~40 ms), so make it once, at startup."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 class StreamPool:
@@ -41,9 +59,12 @@ class StreamPool:
         timeout_s: float,
         connect_timeout_s: float,
         max_connections: int,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if url.scheme not in ("http", "https") or url.host is None:
             raise ValueError(f"not an http(s) URL: {url}")
+        if url.scheme == "https" and tls is None:
+            raise ValueError("an https URL needs a TLS context (see `tls_context`)")
         lines = [f"POST {url.raw_path_qs} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
         for name, value in headers.items():
             if any(c in f"{name}{value}" for c in "\r\n\0"):
@@ -52,12 +73,12 @@ class StreamPool:
         self._head = "\r\n".join(lines) + "\r\n"  # Content-Length and the blank line follow
         self._host = url.host
         self._port = url.port or (443 if url.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._ssl = tls if url.scheme == "https" else None
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._max_idle = max_connections
         self._slots = asyncio.Semaphore(max_connections)
-        self._idle: list[_Connection] = []
+        self._idle: list[tuple[_Connection, float]] = []  # with when each went idle
         self._closed = False
 
     async def post(self, payload: bytes) -> StreamedResponse:
@@ -67,6 +88,7 @@ class StreamPool:
             await self._slots.acquire()
         try:
             request = f"{self._head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+            resent = False
             while True:
                 connection, reused = await self._connection()
                 exchange = _Exchange(connection, self._timeout_s)
@@ -76,10 +98,12 @@ class StreamPool:
                     return StreamedResponse(exchange, self._release)
                 except ConnectionError:
                     exchange.close()
-                    # A kept connection the provider closed while it was idle: nothing of the
-                    # request was processed; another connection takes it.
-                    if not (reused and exchange.nothing_received):
+                    # A kept connection the provider closed as the request went out (its idle
+                    # timeout): it answered nothing, so it is sent again on a new connection,
+                    # once. Any other failure is the caller's to retry (with its backoff).
+                    if resent or not (reused and exchange.nothing_received):
                         raise
+                    resent = True
                 except BaseException:
                     exchange.close()
                     raise
@@ -89,24 +113,33 @@ class StreamPool:
 
     async def close(self) -> None:
         self._closed = True
-        for connection in self._idle:
+        for connection, _since in self._idle:
             connection.abort()
         self._idle.clear()
 
     async def _connection(self) -> tuple[_Connection, bool]:
+        stale = time.monotonic() - KEEPALIVE_S
         while self._idle:
-            connection = self._idle.pop()
-            if connection.usable:
+            connection, since = self._idle.pop()
+            if connection.usable and since > stale:
                 return connection, True
+            connection.abort()
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self._connect_timeout_s):
-            _transport, connection = await loop.create_connection(
-                _Connection,
-                self._host,
-                self._port,
-                ssl=self._ssl,
-                server_hostname=self._host if self._ssl is not None else None,
+            addresses = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+            sock = await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY_S, interleave=1
             )
+            try:
+                _transport, connection = await loop.create_connection(
+                    _Connection,
+                    sock=sock,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+            except BaseException:
+                sock.close()
+                raise
         return connection, False
 
     def _release(self, exchange: _Exchange) -> None:
@@ -114,7 +147,7 @@ class StreamPool:
         connection = exchange.connection
         if exchange.reusable and not self._closed and len(self._idle) < self._max_idle:
             connection.exchange = None
-            self._idle.append(connection)
+            self._idle.append((connection, time.monotonic()))
         else:
             connection.abort()
 
@@ -198,7 +231,7 @@ class _Exchange:
 
     def data_received(self, data: bytes) -> None:
         if self.complete:
-            self.connection.abort()  # more than the response: the connection is not kept
+            self._not_kept()  # more than the response
             return
         self._last_data = self._loop.time()
         self.nothing_received = False
@@ -217,6 +250,14 @@ class _Exchange:
 
     # ------------------------------------------------------------------ parser callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second response in the same read: nothing asked for it.
+            self._not_kept()
+            raise ConnectionResetError("the provider sent more than its response")
+        self.headers = {}  # after an interim (1xx) response, the final one's headers
+        self._length_known = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
         self.headers[key] = value.decode("latin-1")
@@ -225,11 +266,13 @@ class _Exchange:
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        if self.status < 200:
+            return  # interim (100 Continue, 103 Early Hints): the final response follows
         if not self.headers_in.done():
             self.headers_in.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self._failed:
+        if self._failed or self.complete:
             return
         if self._sink is None:
             self._early.append(body)
@@ -241,6 +284,8 @@ class _Exchange:
             raise  # stops the parser (httptools raises HttpParserCallbackError)
 
     def on_message_complete(self) -> None:
+        if self.status < 200:
+            return  # the end of an interim response
         self._keep_alive = self._parser.should_keep_alive()
         self._finish()
 
@@ -287,6 +332,10 @@ class _Exchange:
             self.headers_in.set_result(None)
         if not self.body_in.done():
             self.body_in.set_result(None)
+
+    def _not_kept(self) -> None:
+        self._keep_alive = False
+        self.connection.abort()
 
     def _check_timeout(self) -> None:
         self._timer = None

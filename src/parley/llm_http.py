@@ -32,7 +32,10 @@ from aiohttp.helpers import get_env_proxy_for_url
 from pydantic_core import to_json
 
 from parley import __version__
-from parley.http_stream import BodySink, StreamPool
+from parley.http_stream import BodySink, StreamPool, tls_context
+from parley.observability import get_logger
+
+log = get_logger(__name__)
 
 # The SDK's constants (openai/_constants.py).
 INITIAL_RETRY_DELAY_S = 0.5
@@ -112,7 +115,9 @@ class ChatCompletionsEndpoint:
             with contextlib.suppress(LookupError):
                 self._proxy, self._proxy_auth = get_env_proxy_for_url(self._target)
         self._timeout_s = timeout_s
+        self._tls = tls_context() if self._target.scheme == "https" else None
         self._pool: StreamPool | None = None
+        self._redirected = False
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -134,15 +139,26 @@ class ChatCompletionsEndpoint:
             await asyncio.sleep(wait)
 
     async def _post(self, payload: bytes) -> ModelResponse:
-        if self._proxy is not None:
-            return await self._post_through_proxy(payload)
+        if self._proxy is not None or self._redirected:
+            return await self._post_with_aiohttp(payload)
         pool = self._pool_for_loop()
         try:
             response = await pool.post(payload)
         except (OSError, TimeoutError) as exc:
             raise ProviderConnectionError(_describe(exc)) from exc
-        if response.status < 400:
+        if response.status < 300:
             return response
+        if response.status < 400:
+            # The SDK follows redirects; aiohttp does too. A redirected base URL is a setting
+            # to fix (each request would cost a second one), so it is said once.
+            response.release()
+            log.warning(
+                "llm.endpoint_redirects; set LLM_BASE_URL to where it leads",
+                status=response.status,
+                location=response.headers.get("location"),
+            )
+            self._redirected = True
+            return await self._post_with_aiohttp(payload)
         body = b""
         try:
             body = await response.read(MAX_ERROR_BODY)
@@ -152,7 +168,8 @@ class ChatCompletionsEndpoint:
             response.release()
         raise ProviderHTTPError(response.status, self.url, response.headers, _error_message(body))
 
-    async def _post_through_proxy(self, payload: bytes) -> ModelResponse:
+    async def _post_with_aiohttp(self, payload: bytes) -> ModelResponse:
+        """Through a proxy, or to an endpoint that redirects (aiohttp follows redirects)."""
         session = self._session_for_loop()
         try:
             response = await session.post(
@@ -188,6 +205,7 @@ class ChatCompletionsEndpoint:
                 timeout_s=self._timeout_s,
                 connect_timeout_s=min(5.0, self._timeout_s),
                 max_connections=self._max_connections,
+                tls=self._tls,
             )
         return self._pool
 

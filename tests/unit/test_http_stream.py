@@ -4,13 +4,23 @@ how the body is pushed, when a connection is kept, and how each failure is repor
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import yarl
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from parley import http_stream
 from parley.http_stream import StreamedResponse, StreamPool
+from parley.llm_http import ChatCompletionsEndpoint, read_body
 
 # What the scripted server does with one request on a connection: it gets the connection's
 # request count (1 for the first) and the writer.
@@ -18,15 +28,16 @@ Answer = Callable[[int, asyncio.StreamWriter], Awaitable[None]]
 
 
 class Server:
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
         self.answer = answer
+        self.tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
         self.port = 0
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Server:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -68,13 +79,17 @@ async def answer_ok(count: int, writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
-def pool_for(server: Server, *, timeout_s: float = 5.0, **headers: str) -> StreamPool:
+def pool_for(
+    server: Server, *, timeout_s: float = 5.0, tls: ssl.SSLContext | None = None
+) -> StreamPool:
+    scheme = "https" if tls is not None else "http"
     return StreamPool(
-        yarl.URL(f"http://127.0.0.1:{server.port}/v1/chat/completions"),
-        headers=headers or {"Authorization": "Bearer k"},
+        yarl.URL(f"{scheme}://127.0.0.1:{server.port}/v1/chat/completions"),
+        headers={"Authorization": "Bearer k"},
         timeout_s=timeout_s,
         connect_timeout_s=timeout_s,
         max_connections=4,
+        tls=tls,
     )
 
 
@@ -238,3 +253,149 @@ def test_a_header_with_a_line_break_is_refused() -> None:
             connect_timeout_s=1,
             max_connections=1,
         )
+
+
+async def test_interim_responses_are_skipped_and_nothing_after_the_response_is_read() -> None:
+    async def early_hints_then_extra(count: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the final response in a read of its own
+        extra = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nSECOND\n"
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nfirst\n" + extra)
+        await writer.drain()
+
+    async with Server(early_hints_then_extra) as server:
+        pool = pool_for(server)
+        response = await pool.post(b"{}")
+        assert response.status == 200
+        assert "link" not in response.headers
+        assert await body_of(response) == [b"first\n"]
+        assert b"".join(await body_of(await pool.post(b"{}"))) == b"first\n"
+        assert server.connections == 2  # the one that said too much was not kept
+        await pool.close()
+
+
+async def test_a_run_cancelled_mid_stream_gives_back_its_slot_and_its_connection() -> None:
+    async def slow(count: int, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with Server(slow) as server:
+        pool = StreamPool(
+            yarl.URL(f"http://127.0.0.1:{server.port}/v1/chat/completions"),
+            headers={},
+            timeout_s=5,
+            connect_timeout_s=5,
+            max_connections=1,
+        )
+        for _ in range(2):  # one slot: the second run gets it only if the first gave it back
+            response = await pool.post(b"{}")
+            pieces: list[bytes] = []
+            reading = asyncio.create_task(response.stream(pieces.append))
+            await asyncio.sleep(0.1)
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            response.release()
+            assert pieces == [b"hello"]
+        assert server.connections == 2  # a response read half-way is never kept
+        await pool.close()
+
+
+async def test_a_kept_connection_idle_for_longer_than_keepalive_is_not_used(
+    ok_server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_stream, "KEEPALIVE_S", 0.2)
+    pool = pool_for(ok_server)
+    await body_of(await pool.post(b"{}"))
+    await body_of(await pool.post(b"{}"))
+    assert ok_server.connections == 1
+    await asyncio.sleep(0.3)
+    await body_of(await pool.post(b"{}"))
+    assert ok_server.connections == 2
+    await pool.close()
+
+
+def self_signed(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = http_stream.tls_context()
+    client.load_verify_locations(cert_file)
+    return server, client
+
+
+async def test_https_is_verified_and_streams_alike(tmp_path: Path) -> None:
+    server_tls, client_tls = self_signed(tmp_path)
+    async with Server(answer_ok, tls=server_tls) as server:
+        pool = pool_for(server, tls=client_tls)
+        for _ in range(2):
+            assert b"".join(await body_of(await pool.post(b"{}"))).startswith(b"data: one")
+        assert server.connections == 1
+        await pool.close()
+        untrusting = pool_for(server, tls=http_stream.tls_context())
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await untrusting.post(b"{}")
+
+
+async def test_a_redirected_endpoint_is_followed_as_the_sdk_follows_it() -> None:
+    server: Server
+
+    async def moved(count: int, writer: asyncio.StreamWriter) -> None:
+        if server.requests[-1].startswith(b"POST /v1/chat/completions "):
+            writer.write(b"HTTP/1.1 307 Moved\r\nLocation: /v2/chat\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(chunked(b"data: moved\n\n"))
+        await writer.drain()
+
+    async with Server(moved) as server:
+        endpoint = ChatCompletionsEndpoint(
+            base_url=f"http://127.0.0.1:{server.port}/v1",
+            api_key="k",
+            timeout_s=5,
+            max_retries=0,
+            max_connections=2,
+        )
+        try:
+            for _ in range(2):
+                response = await endpoint.open_stream({"model": "m"})
+                pieces: list[bytes] = []
+                try:
+                    await read_body(response, pieces.append)
+                finally:
+                    response.release()
+                assert b"".join(pieces) == b"data: moved\n\n"
+            paths = [request.split(b" ")[1] for request in server.requests]
+            # The first request learns of the redirect; from then on aiohttp asks and follows.
+            v1, v2 = b"/v1/chat/completions", b"/v2/chat"
+            assert paths == [v1, v1, v2, v1, v2]
+        finally:
+            await endpoint.close()
