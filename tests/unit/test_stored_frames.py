@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -25,7 +26,7 @@ from parley.protocol import (
     utc_iso,
     utc_now_iso,
 )
-from parley.store.queries import new_ids
+from parley.store.queries import new_id, new_ids
 
 ENVELOPE_LOOKALIKE = '"seq":0,"event_id":""'
 TAG = {"thread_id": 'th"read\\', "run_id": "run-1"}
@@ -69,13 +70,19 @@ def test_an_event_already_numbered_is_numbered_again_by_copy() -> None:
     assert (frame["seq"], frame["event_id"]) == (8, "new")
 
 
-def test_new_ids_are_distinct_version_4_uuids() -> None:
+def test_new_ids_are_distinct_time_ordered_version_7_uuids() -> None:
+    before = time.time_ns() // 1_000_000
     ids = new_ids(500)
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == 500
     for text in ids:
         parsed = uuid.UUID(text)
         assert str(parsed) == text
-        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert before <= parsed.int >> 80 <= after  # the milliseconds come first
+    later = new_id()
+    time.sleep(0.002)
+    assert new_id()[:13] > later[:13]  # a later millisecond sorts after
     assert new_ids(0) == []
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -120,19 +120,29 @@ _RUNNING_AMONG = select(RUNS.c.id).where(
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A new id for a thread, message, run or event: see `new_ids`."""
+    return new_ids(1)[0]
 
 
 def new_ids(count: int) -> list[str]:
-    """`count` ids as `new_id` makes them (random UUIDs, version 4), from one read of the
-    system's randomness: a batch of events takes one id each, and `uuid4` costs a read and
-    a UUID object per id."""
-    hexes = os.urandom(16 * count).hex()
+    """`count` new ids: UUIDs of version 7 (RFC 9562), the time in milliseconds followed by 74
+    random bits, from one read of the system's randomness.
+
+    Why time-ordered rather than wholly random (version 4): every id is a key of an index
+    (events' primary key, their run index, ...), and a random key lands on a random page of
+    it. Once the store holds more than fits in the cache, each streamed delta then touches a
+    few cold pages: with 300,000 events stored, storing one cost ~140 µs with random ids and
+    ~50 µs with time-ordered ones (`bench/bench_store.py`). New ids now go to the end of each
+    index, where the pages are hot. The time they reveal is the creation time the frames
+    already carry (`ts`)."""
+    millis = f"{time.time_ns() // 1_000_000:012x}"
+    randomness = os.urandom(10 * count).hex()
     ids = []
-    for start in range(0, 32 * count, 32):
-        h = hexes[start : start + 32]
-        variant = "89ab"[int(h[16], 16) & 3]  # RFC 4122: the variant's bits are 10xx
-        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}")
+    for start in range(0, 20 * count, 20):
+        r = randomness[start : start + 20]
+        variant = "89ab"[int(r[3], 16) & 3]  # the variant's bits are 10xx
+        h = f"{millis}7{r[:3]}{variant}{r[4:19]}"
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
     return ids
 
 
