@@ -63,10 +63,19 @@ class ProviderConnectionError(Exception):
 
 
 class ModelResponse(Protocol):
-    """A streamed answer whose status is 2xx and whose body is still to come."""
+    """A response whose status and headers are in and whose body is still to come."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
 
     async def stream(self, sink: BodySink) -> None:
         """Push the body to `sink` as it arrives; returns at its end."""
+
+    async def read(self, limit: int) -> bytes:
+        """The body, up to `limit` bytes."""
 
     def release(self) -> None:
         """Done with it (read to its end or not); call once."""
@@ -140,33 +149,37 @@ class ChatCompletionsEndpoint:
 
     async def _post(self, payload: bytes) -> ModelResponse:
         if self._proxy is not None or self._redirected:
-            return await self._post_with_aiohttp(payload)
-        pool = self._pool_for_loop()
-        try:
-            response = await pool.post(payload)
-        except (OSError, TimeoutError) as exc:
-            raise ProviderConnectionError(_describe(exc)) from exc
-        if response.status < 300:
-            return response
+            response = await self._post_with_aiohttp(payload)
+        else:
+            response = await self._post_directly(payload)
+            if 300 <= response.status < 400:
+                # The SDK follows redirects; aiohttp does too. A redirected base URL is a
+                # setting to fix (each request would cost a second one), so it is said once.
+                response.release()
+                log.warning(
+                    "llm.endpoint_redirects; set LLM_BASE_URL to where it leads",
+                    status=response.status,
+                    location=response.headers.get("location"),
+                )
+                self._redirected = True
+                response = await self._post_with_aiohttp(payload)
         if response.status < 400:
-            # The SDK follows redirects; aiohttp does too. A redirected base URL is a setting
-            # to fix (each request would cost a second one), so it is said once.
-            response.release()
-            log.warning(
-                "llm.endpoint_redirects; set LLM_BASE_URL to where it leads",
-                status=response.status,
-                location=response.headers.get("location"),
-            )
-            self._redirected = True
-            return await self._post_with_aiohttp(payload)
+            return response
         body = b""
         try:
             body = await response.read(MAX_ERROR_BODY)
-        except (OSError, TimeoutError):
+        except (OSError, aiohttp.ClientError, TimeoutError):
             pass  # the status says enough
         finally:
             response.release()
         raise ProviderHTTPError(response.status, self.url, response.headers, _error_message(body))
+
+    async def _post_directly(self, payload: bytes) -> ModelResponse:
+        pool = self._pool_for_loop()
+        try:
+            return await pool.post(payload)
+        except (OSError, TimeoutError) as exc:
+            raise ProviderConnectionError(_describe(exc)) from exc
 
     async def _post_with_aiohttp(self, payload: bytes) -> ModelResponse:
         """Through a proxy, or to an endpoint that redirects (aiohttp follows redirects)."""
@@ -182,17 +195,7 @@ class ChatCompletionsEndpoint:
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderConnectionError(_describe(exc)) from exc
-        if response.status < 400:
-            return _AiohttpResponse(response)
-        body = b""
-        try:
-            while len(body) < MAX_ERROR_BODY and (piece := await response.content.read(4096)):
-                body += piece
-        except (aiohttp.ClientError, TimeoutError):
-            pass  # the status says enough
-        finally:
-            response.release()
-        raise ProviderHTTPError(response.status, self.url, response.headers, _error_message(body))
+        return _AiohttpResponse(response)
 
     def _pool_for_loop(self) -> StreamPool:
         if self._closed:
@@ -234,15 +237,23 @@ class ChatCompletionsEndpoint:
 
 
 class _AiohttpResponse:
-    """An aiohttp response (through a proxy) as a `ModelResponse`."""
+    """An aiohttp response (through a proxy, or redirected) as a `ModelResponse`."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
 
     async def stream(self, sink: BodySink) -> None:
         content = self._response.content
         while chunk := await content.readany():
             sink(chunk)
+
+    async def read(self, limit: int) -> bytes:
+        body = b""
+        while len(body) < limit and (piece := await self._response.content.read(4096)):
+            body += piece
+        return body[:limit]
 
     def release(self) -> None:
         self._response.release()
