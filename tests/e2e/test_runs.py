@@ -290,6 +290,21 @@ async def test_model_requests_go_through_the_proxy_the_environment_names(
     assert seen.headers["host"] == "provider.invalid"
 
 
+async def test_a_base_url_that_redirects_is_followed_as_the_sdk_follows_it(
+    spawn: SpawnServer, fake_llm: FakeLLM
+) -> None:
+    server = spawn(LLM_BASE_URL=f"http://127.0.0.1:{fake_llm.port}/moved/v1")
+    async with server.connect(unique_user()) as client:
+        for n in range(2):  # the first request learns of the redirect, the second follows it
+            t = fake_llm.script(trigger(), Text(f"moved answer {n}"))
+            accepted = await client.ask(f"where are you {t}")
+            events = await client.run_events(accepted["run_id"])
+            assert events[-1]["type"] == "agent_completed", events[-1]
+            assert events[-1]["content"] == deltas(events) == f"moved answer {n}"
+            assert len(fake_llm.seen_with(t)) == 1  # answered once, where the redirect led
+    assert server.read_log().count("llm.endpoint_redirects") == 1  # said once
+
+
 @pytest.mark.parametrize("failure", ["error_event", "disconnect"])
 async def test_provider_failing_after_half_the_answer_ends_the_run_once_with_what_was_streamed(
     server: ServerProcess, fake_llm: FakeLLM, failure: str

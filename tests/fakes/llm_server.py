@@ -274,10 +274,15 @@ def _build_app(fake: FakeLLM) -> Starlette:
         data = [{"id": name, "object": "model"} for name in names]
         return JSONResponse({"object": "list", "data": data})
 
+    async def moved(request: Request) -> Response:
+        # A base URL that moved: `/moved/<path>` answers 307 (method and body kept) to `/<path>`.
+        return Response(status_code=307, headers={"location": "/" + request.path_params["path"]})
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/moved/{path:path}", moved, methods=["GET", "POST"]),
         ]
     )
 
