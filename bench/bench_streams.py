@@ -23,6 +23,8 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,7 +105,9 @@ async def _connect(url: str, user: str) -> Any:
     return ws
 
 
-async def streams(server: ServerProcess, level: int, tokens: int, delay_ms: int) -> dict[str, Any]:
+async def streams(
+    server: ServerProcess, level: int, tokens: int, delay_ms: int, profile: Path | None = None
+) -> dict[str, Any]:
     assert server.proc is not None
     sockets = await asyncio.gather(
         *(_connect(server.ws_url, f"s{level}-{i}-{time.time_ns()}") for i in range(level))
@@ -118,17 +122,43 @@ async def streams(server: ServerProcess, level: int, tokens: int, delay_ms: int)
         await ws.send(json.dumps({"type": "user_message", "content": content}))
         await _read_run(ws, trace)
 
-    window = Window({"server": server.proc.pid, "model": MODEL_PID[0]}, rss_of=server.proc.pid)
+    window = Window(
+        {"server": server.proc.pid, "model": MODEL_PID[0]}, rss_of=server.proc.pid, loop_of="server"
+    )
+    spy = await _start_profiler(server.proc.pid, profile, f"streams-{level}") if profile else None
     window.start()
     tasks = [asyncio.ensure_future(one(ws, t)) for ws, t in zip(sockets, traces, strict=True)]
     go.set()
     await asyncio.gather(*tasks)
     usage = await window.stop()
+    _stop_profiler(spy)
     for ws in sockets:
         await ws.close()
     for trace in traces:
         _check(trace, expected_text(tokens))
     return stream_summary(level, tokens, traces, usage)
+
+
+async def _start_profiler(pid: int, directory: Path, label: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling the server over one measured window only (not its startup, nor the
+    connections being opened or closed): raw folded stacks, one file per window."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{label}-{time.time_ns()}.raw"
+    command = [os.environ.get("PY_SPY", "py-spy"), "record", "--pid", str(pid), "--format", "raw"]
+    command += ["--rate", "500", "--nonblocking", "--threads", "--output", str(out)]
+    spy = subprocess.Popen(
+        [*command, *os.environ.get("PY_SPY_ARGS", "").split()],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await asyncio.sleep(0.5)  # attached and sampling
+    return spy
+
+
+def _stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted
+        spy.wait()
 
 
 def stream_summary(level: int, tokens: int, traces: list[RunTrace], usage: Usage) -> dict[str, Any]:
@@ -146,6 +176,12 @@ def stream_summary(level: int, tokens: int, traces: list[RunTrace], usage: Usage
         "gap95_ms": percentile(gaps, 95) * 1000,
         "cpu_per_token_us": usage.cpu_s["server"] / (level * tokens) * 1e6,
         "server_cpu_s": usage.cpu_s["server"],
+        # The event loop's thread alone; the rest is the database threads.
+        **(
+            {"server_loop_cpu_s": usage.cpu_s["server_loop"]}
+            if "server_loop" in usage.cpu_s
+            else {}
+        ),
         "wall_s": usage.wall_s,
         "loadgen_cpu_s": usage.cpu_s["loadgen"],
         "model_cpu_s": usage.cpu_s["model"],
@@ -168,11 +204,14 @@ async def plain_client(url: str, user: str, count: int, times: list[float]) -> N
     await ws.close()
 
 
-async def plain(server: ServerProcess, clients: int, runs: int) -> dict[str, Any]:
+async def plain(
+    server: ServerProcess, clients: int, runs: int, profile: Path | None = None
+) -> dict[str, Any]:
     assert server.proc is not None
     times: list[float] = []
     per_client = max(1, runs // clients)
     window = Window({"server": server.proc.pid, "model": MODEL_PID[0]}, rss_of=server.proc.pid)
+    spy = await _start_profiler(server.proc.pid, profile, f"plain-{clients}") if profile else None
     window.start()
     stamp = time.time_ns()
     await asyncio.gather(
@@ -180,6 +219,7 @@ async def plain(server: ServerProcess, clients: int, runs: int) -> dict[str, Any
           for i in range(clients))
     )  # fmt: skip
     usage = await window.stop()
+    _stop_profiler(spy)
     return {
         "clients": clients,
         "runs": len(times),
@@ -213,6 +253,12 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print raw results as JSON lines")
     parser.add_argument(
+        "--profile",
+        type=Path,
+        help="sample the server with py-spy (on PATH, or $PY_SPY) over each streaming window "
+        "into this directory, as raw folded stacks (bench/README.md: profiling)",
+    )
+    parser.add_argument(
         "--src",
         help="serve Parley from this source tree instead (e.g. a git worktree of an older "
         "commit, to compare in the same run on the same machine)",
@@ -241,10 +287,13 @@ async def main() -> None:
                 results.append({"workload": "plain", **await plain(server, 1, args.serial)})
             if args.runs:
                 results.append(
-                    {"workload": "plain", **await plain(server, args.clients, args.runs)}
+                    {
+                        "workload": "plain",
+                        **await plain(server, args.clients, args.runs, args.profile),
+                    }
                 )
             for level in (int(x) for x in args.levels.split(",") if x):
-                result = await streams(server, level, args.tokens, args.delay_ms)
+                result = await streams(server, level, args.tokens, args.delay_ms, args.profile)
                 results.append({"workload": "streams", **result})
                 await asyncio.sleep(1)
         finally:
@@ -272,9 +321,15 @@ def print_results(results: list[dict[str, Any]], *, as_json: bool, label: str = 
                 f"first p50/p95={result['first50_ms']:4.0f}/{result['first95_ms']:4.0f} ms "
                 f"gap95={result['gap95_ms']:6.1f} ms "
                 f"cpu/token={result['cpu_per_token_us']:7.0f} us "
-                f"(server {result['server_cpu_s']:.1f} s cpu / {result['wall_s']:.1f} s wall; "
+                f"(server {result['server_cpu_s']:.2f} s cpu{_loop_share(result)} / "
+                f"{result['wall_s']:.1f} s wall; "
                 f"loadgen {result['loadgen_cpu_s']:.1f} s, model {result['model_cpu_s']:.1f} s)"
             )
+
+
+def _loop_share(result: dict[str, Any]) -> str:
+    loop = result.get("server_loop_cpu_s")
+    return "" if loop is None else f", {loop:.2f} s of it the event loop's thread"
 
 
 if __name__ == "__main__":

@@ -51,6 +51,14 @@ def cpu_seconds(pid: int) -> float:
     return total / _TICKS
 
 
+def thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the main thread of `pid` alone (a Python server's event
+    loop; its other threads are database and executor threads)."""
+    text = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def own_cpu_seconds() -> float:
     """User + system CPU seconds of this process (the load generator)."""
     times = os.times()
@@ -80,6 +88,8 @@ class Window:
 
     pids: dict[str, int]
     rss_of: int
+    # Also measured alone as "<name>_loop": the named process's main thread (its event loop).
+    loop_of: str | None = None
     interval: float = 0.1
     _cpu0: dict[str, float] = field(default_factory=dict)
     _t0: float = 0.0
@@ -88,6 +98,8 @@ class Window:
 
     def _cpu(self) -> dict[str, float]:
         cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        if self.loop_of is not None:
+            cpu[f"{self.loop_of}_loop"] = thread_cpu_seconds(self.pids[self.loop_of])
         cpu["loadgen"] = own_cpu_seconds()
         return cpu
 
