@@ -92,6 +92,14 @@ def test_seqs_of_many_threads_are_taken_in_a_few_statements_and_rows_inserted_in
         assert again == {threads[0]: counts[threads[0]] + 5, threads[299]: counts[threads[299]] + 1}
         with pytest.raises(LookupError):
             queries.reserve_seqs(connection, {threads[1]: 1, "no such thread": 1})
+        # Taking seqs marks a thread as updated (the threads list is ordered by it), stored as
+        # SQLAlchemy stores a time stamp: it reads back as the moment it was taken.
+        before = datetime.now(UTC)
+        queries.reserve_seqs(connection, {threads[7]: 1})
+        updated = connection.execute(
+            select(queries.THREADS.c.updated_at).where(queries.THREADS.c.id == threads[7])
+        ).scalar_one()
+        assert before <= updated.replace(tzinfo=UTC) <= datetime.now(UTC)
     shared = datetime(2026, 12, 3, 17, 0, 0, 123456, tzinfo=UTC)
     rows: list[dict[str, object]] = [
         {
