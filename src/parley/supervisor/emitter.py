@@ -45,7 +45,11 @@ class RunEmitter:
         self._loop = asyncio.get_running_loop()  # a run's emitter is made in the serving loop
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._in_flight: list[asyncio.Future[None]] = []
+        # Submissions not yet stored (or refused), and who waits for there to be none: one
+        # count rather than waiting on each submission's future, which cost more per run than
+        # storing a delta (a run submits one per 40 ms of streamed text).
+        self._unsettled = 0
+        self._all_settled: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         self._closed = False
 
@@ -83,9 +87,9 @@ class RunEmitter:
         """Submit pending text and wait until everything emitted is stored; raises the first
         failure to store any of it."""
         self._flush_text()
-        in_flight, self._in_flight = self._in_flight, []
-        if in_flight:
-            await asyncio.wait(in_flight)
+        if self._unsettled:
+            self._all_settled = self._loop.create_future()
+            await self._all_settled
         self._raise_failure()
 
     def close(self) -> None:
@@ -107,18 +111,18 @@ class RunEmitter:
         self._track(self._log.post(self._user_id, delta))
 
     def _track(self, future: asyncio.Future[None]) -> None:
+        self._unsettled += 1
         future.add_done_callback(self._settled)
-        self._in_flight.append(future)
 
     def _settled(self, future: asyncio.Future[None]) -> None:
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None and self._failure is None:
-            self._failure = error
-        # Keep the list short on long answers: drop what is already stored.
-        if len(self._in_flight) > 64:
-            self._in_flight = [f for f in self._in_flight if not f.done()]
+        self._unsettled -= 1
+        if not future.cancelled():
+            error = future.exception()
+            if error is not None and self._failure is None:
+                self._failure = error
+        waiter = self._all_settled
+        if self._unsettled == 0 and waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
