@@ -88,8 +88,10 @@ class RunEmitter:
         failure to store any of it."""
         self._flush_text()
         if self._unsettled:
-            self._all_settled = self._loop.create_future()
-            await self._all_settled
+            if self._all_settled is None or self._all_settled.done():
+                self._all_settled = self._loop.create_future()
+            # Shielded: one drain cancelled leaves the waiter to any other drain under way.
+            await asyncio.shield(self._all_settled)
         self._raise_failure()
 
     def close(self) -> None:
