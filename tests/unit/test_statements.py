@@ -3,6 +3,7 @@ error types, so the rest of the store cannot tell it from a SQLAlchemy execution
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -93,13 +94,18 @@ def test_seqs_of_many_threads_are_taken_in_a_few_statements_and_rows_inserted_in
         with pytest.raises(LookupError):
             queries.reserve_seqs(connection, {threads[1]: 1, "no such thread": 1})
         # Taking seqs marks a thread as updated (the threads list is ordered by it), stored as
-        # SQLAlchemy stores a time stamp: it reads back as the moment it was taken.
+        # SQLAlchemy stores a time stamp (the text form the order relies on): it reads back as
+        # the moment it was taken.
         before = datetime.now(UTC)
         queries.reserve_seqs(connection, {threads[7]: 1})
         updated = connection.execute(
             select(queries.THREADS.c.updated_at).where(queries.THREADS.c.id == threads[7])
         ).scalar_one()
         assert before <= updated.replace(tzinfo=UTC) <= datetime.now(UTC)
+        stored = connection.execute(
+            text("SELECT updated_at FROM threads WHERE id = :id"), {"id": threads[7]}
+        ).scalar_one()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", stored), stored
     shared = datetime(2026, 12, 3, 17, 0, 0, 123456, tzinfo=UTC)
     rows: list[dict[str, object]] = [
         {

@@ -9,11 +9,11 @@ Invariants:
   ends without its terminal event, and never gets two.
 
 One writer task does all of it in batches (group commit): whatever is queued while a batch
-commits goes into the next, in one transaction with one `UPDATE threads ... RETURNING last_seq`
-per thread and one multi-row insert. Publishing happens after the commit and never waits on the
-network (see `EventBus.publish`), so a slow Redis cannot stall the writes. Submitting is
-synchronous (`submit` returns a future): a run keeps reading its model while the writer commits,
-and order is kept because there is one queue and one writer.
+commits goes into the next, in one transaction: the batch's seqs taken for all its threads at
+once (`queries.reserve_seqs`) and its events in multi-row inserts. Publishing happens after the
+commit and never waits on the network (see `EventBus.publish`), so a slow Redis cannot stall
+the writes. Submitting is synchronous (`submit` returns a future): a run keeps reading its
+model while the writer commits, and order is kept because there is one queue and one writer.
 
 A database that goes away for a few seconds (a restart, a failover) does not fail the runs in
 flight: the writer retries the batch's commit with backoff for `outage_grace_s` (see

@@ -340,7 +340,8 @@ def _reserve_on_sqlite(
     return {thread_id: int(last_seq) for thread_id, last_seq in from_json(listing)}
 
 
-# Threads per seq-reserving UPDATE: three parameters each, within SQLite's oldest limit of 999.
+# Threads per seq-reserving statement: on SQLite two parameters each (and the time stamp), within
+# its oldest limit of 999 parameters a statement.
 RESERVE_CHUNK = 256
 
 
