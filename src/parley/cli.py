@@ -22,6 +22,7 @@ from parley.config import Settings
 from parley.health import ServingState
 from parley.observability import configure_logging
 from parley.startup import PHASES, PhaseResult, StartupError, start
+from parley.ws_protocol import WebSocketProtocol
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Parley: real-time AI agent chat."
@@ -116,6 +117,8 @@ async def _serve(settings: Settings) -> int:
         # No permessage-deflate: frames are small JSON, and compressing each streamed delta for
         # every connection costs CPU on the hot path for a few bytes saved (bench/README.md).
         ws_per_message_deflate=False,
+        # uvicorn's sans-I/O WebSocket protocol, able to write a frame without a task wake-up.
+        ws=WebSocketProtocol,
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=5,

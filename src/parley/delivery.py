@@ -52,21 +52,35 @@ class Overflow(Exception):
 class Outbox:
     """Frames waiting to be sent, in order. `put` refuses (Overflow) past `limit`; `put_pulled`
     is for frames read on demand after `wait_for_room`, which waits until the outbox is at most
-    half full."""
+    half full.
 
-    def __init__(self, limit: int) -> None:
+    With `write_now` (a function that writes a frame at once if the connection can take it,
+    see ws_protocol.py), a frame put while nothing waits before it, and while the sender is not
+    in the middle of sending one, is written at once instead of waking the sender."""
+
+    def __init__(self, limit: int, write_now: Callable[[str], bool] | None = None) -> None:
         self.limit = limit
         self._frames: deque[str | Close] = deque()
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self.closed = False
+        self._write_now = write_now
+        self._sending = False  # the sender took a frame and has not come back for the next
 
     def __len__(self) -> int:
         return len(self._frames)
 
     def put(self, frame: str | Close) -> None:
         if self.closed:
+            return
+        if (
+            self._write_now is not None
+            and not self._frames
+            and not self._sending
+            and not isinstance(frame, Close)
+            and self._write_now(frame)
+        ):
             return
         if len(self._frames) >= self.limit and not isinstance(frame, Close):
             raise Overflow
@@ -94,10 +108,13 @@ class Outbox:
         await self._room.wait()
 
     async def get(self) -> str | Close:
+        """The next frame, for the sender, which calls `get` again only once it is sent."""
+        self._sending = False
         while not self._frames:
             self._ready.clear()
             await self._ready.wait()
         frame = self._frames.popleft()
+        self._sending = True
         if len(self._frames) <= self.limit // 2:
             self._room.set()
         return frame

@@ -51,6 +51,7 @@ from parley.store import queries
 from parley.store.db import Database
 from parley.store.outage import is_transient
 from parley.supervisor import Accepted, Supervisor
+from parley.ws_protocol import WRITE_TEXT
 
 log = get_logger(__name__)
 
@@ -180,7 +181,12 @@ class Transport:
             user_id=user_id,
             ws=ws,
             delivery=ConnectionDelivery(
-                Outbox(self._config.send_queue_size), self._read_page, holding=True
+                Outbox(
+                    self._config.send_queue_size,
+                    write_now=ws.scope.get("extensions", {}).get(WRITE_TEXT),
+                ),
+                self._read_page,
+                holding=True,
             ),
             token_expires_at=identity.expires_at,
         )
