@@ -30,10 +30,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from parley.bus import Delivery
+from parley.observability import get_logger
 from parley.protocol import ResumeComplete
+
+log = get_logger(__name__)
 
 RESUME_HOLD_S = 0.5
 REPLAY_PAGE = 256
+# The ASGI scope extension through which a server offers to write a text frame at once
+# (`Callable[[str], bool]`, see ws_protocol.py).
+WRITE_TEXT_EXTENSION = "parley.write_text"
 
 # A page of a thread's stored frames after a seq: (seq, frame) pairs, oldest first.
 PageReader = Callable[[str, int, int], Awaitable[Sequence[tuple[int, str]]]]
@@ -79,7 +85,7 @@ class Outbox:
             and not self._frames
             and not self._sending
             and not isinstance(frame, Close)
-            and self._write_now(frame)
+            and self._written_now(frame)
         ):
             return
         if len(self._frames) >= self.limit and not isinstance(frame, Close):
@@ -87,6 +93,22 @@ class Outbox:
         self._append(frame)
         if isinstance(frame, Close):
             self.closed = True
+
+    def put_back(self, frame: str) -> None:
+        """The sender took `frame` but did not send it (it was stopped while waiting for the
+        connection to take it): first in line again, for whoever sends what is left."""
+        self._frames.appendleft(frame)
+
+    def _written_now(self, frame: str) -> bool:
+        assert self._write_now is not None
+        try:
+            return self._write_now(frame)
+        except Exception:
+            # A server that broke its promise (e.g. after an upgrade of uvicorn): the frame and
+            # all after it go through ASGI, as without the extension.
+            log.exception("delivery.write_now_failed")
+            self._write_now = None
+            return False
 
     def put_pulled(self, frame: str) -> None:
         if not self.closed:

@@ -26,7 +26,14 @@ from parley import __version__
 from parley.auth import Authenticator
 from parley.bus import EventBus
 from parley.counters import PerUserCounter
-from parley.delivery import RESUME_HOLD_S, Close, ConnectionDelivery, Outbox, Overflow
+from parley.delivery import (
+    RESUME_HOLD_S,
+    WRITE_TEXT_EXTENSION,
+    Close,
+    ConnectionDelivery,
+    Outbox,
+    Overflow,
+)
 from parley.errors import NotFound, ParleyError
 from parley.observability import Metrics, get_logger
 from parley.protocol import (
@@ -51,7 +58,6 @@ from parley.store import queries
 from parley.store.db import Database
 from parley.store.outage import is_transient
 from parley.supervisor import Accepted, Supervisor
-from parley.ws_protocol import WRITE_TEXT
 
 log = get_logger(__name__)
 
@@ -183,7 +189,7 @@ class Transport:
             delivery=ConnectionDelivery(
                 Outbox(
                     self._config.send_queue_size,
-                    write_now=ws.scope.get("extensions", {}).get(WRITE_TEXT),
+                    write_now=ws.scope.get("extensions", {}).get(WRITE_TEXT_EXTENSION),
                 ),
                 self._read_page,
                 holding=True,
@@ -288,6 +294,12 @@ class Transport:
                 await connection.ws.send_text(item)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 return
+            except asyncio.CancelledError:
+                # Stopped while the client was not reading (its send waits for room before it
+                # writes anything): the frame goes first among those still to send, so a close
+                # that flushes them (heartbeat, expiry) does not skip it.
+                connection.delivery.outbox.put_back(item)
+                raise
 
     async def _heartbeat(self, connection: _Connection) -> None:
         interval = self._config.heartbeat_interval_s

@@ -3,13 +3,16 @@ frame can be written at once, from a plain function call.
 
 Through ASGI a frame goes from the connection's sender task through Starlette's `WebSocket`,
 its exception middleware's send wrapper and uvicorn's `send` coroutine: a task wake-up and five
-Python frames for every streamed delta, about a third of what sending it costs besides the
-`write` itself (bench/README.md). The transport uses `write_text` when nothing is queued before
-the frame and falls back to ASGI otherwise, so the order of frames and the flow control (a
-client that stops reading fills its transport's buffer, then its outbox) are unchanged.
+Python frames for every streamed delta. Without them the event loop's CPU at 200 streams fell
+by a sixth (bench/README.md). The transport uses `write_text` when nothing is queued before the
+frame and falls back to ASGI otherwise, so the order of frames and the flow control (a client
+that stops reading fills its transport's buffer, then its outbox) are unchanged.
 
-The extension is offered in the ASGI scope as `extensions["parley.write_text"]`; served by
-anything else (another uvicorn protocol, a test server) the transport sends through ASGI only.
+The extension is offered in the ASGI scope as `extensions["parley.write_text"]`
+(`delivery.WRITE_TEXT_EXTENSION`); served by anything else (another uvicorn protocol, a test
+server) the transport sends through ASGI only. It relies on uvicorn's protocol attributes
+(pinned in uv.lock); tests/unit/test_ws_protocol.py checks them, so an upgrade that changes
+them fails there.
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from __future__ import annotations
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 
-WRITE_TEXT = "parley.write_text"
+from parley.delivery import WRITE_TEXT_EXTENSION
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     async def run_asgi(self) -> None:
         extensions: dict[str, object] = self.scope.setdefault("extensions", {})  # type: ignore[assignment]
-        extensions[WRITE_TEXT] = self.write_text
-        await super().run_asgi()
+        extensions[WRITE_TEXT_EXTENSION] = self.write_text
+        try:
+            await super().run_asgi()
+        finally:
+            # The scope would otherwise hold this protocol (a cycle left to the collector).
+            extensions.pop(WRITE_TEXT_EXTENSION, None)
 
     def write_text(self, text: str) -> bool:
         """Write `text` as one frame now; False when it cannot go now (the handshake is not

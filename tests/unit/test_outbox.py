@@ -71,3 +71,27 @@ async def test_closes_and_overflow_go_through_the_queue() -> None:
     outbox.put("b")
     with pytest.raises(Overflow):
         outbox.put("c")
+
+
+async def test_a_failing_immediate_write_falls_back_to_the_queue_for_good() -> None:
+    written: list[str] = []
+
+    def broken(frame: str) -> bool:
+        if not written:
+            written.append(frame)
+            raise AttributeError("'WebSocketProtocol' object has no attribute 'conn'")
+        raise AssertionError("not called again")
+
+    outbox = Outbox(4, write_now=broken)
+    outbox.put("a")
+    outbox.put("b")
+    assert [await outbox.get(), await outbox.get()] == ["a", "b"]
+
+
+async def test_a_frame_put_back_goes_first() -> None:
+    outbox = Outbox(4)
+    outbox.put("a")
+    outbox.put("b")
+    taken = await outbox.get()
+    outbox.put_back(taken)  # the sender was stopped before it could send it
+    assert outbox.take_before_close() == ["a", "b"]

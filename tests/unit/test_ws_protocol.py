@@ -1,0 +1,91 @@
+"""ws_protocol.py against uvicorn's real protocol machinery: `write_text` writes a frame only
+when uvicorn's own `send` would write it at once, and refuses (so the frame goes through ASGI,
+which waits or fails) in every other state."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from parley.delivery import WRITE_TEXT_EXTENSION
+from parley.ws_protocol import WebSocketProtocol
+
+HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+# A client's close frame (1000), masked as a client's frames are.
+CLIENT_CLOSE = b"\x88\x82" + b"\x00\x00\x00\x00" + b"\x03\xe8"
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+async def test_frames_are_written_only_when_uvicorn_would_write_them_at_once() -> None:
+    accepted = asyncio.Event()
+    finish = asyncio.Event()
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await receive()  # websocket.connect
+        write = scope["extensions"][WRITE_TEXT_EXTENSION]
+        assert not write("before the handshake")
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        await finish.wait()
+
+    config = Config(app=app, ws=WebSocketProtocol, ws_ping_interval=None, log_config=None)
+    config.load()
+    protocol = WebSocketProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = Transport()
+    protocol.connection_made(transport)
+    protocol.data_received(HANDSHAKE)
+    await asyncio.wait_for(accepted.wait(), 5)
+    write = scopes[0]["extensions"][WRITE_TEXT_EXTENSION]
+    assert transport.written.startswith(b"HTTP/1.1 101")
+
+    transport.written.clear()
+    assert write("hi")
+    assert bytes(transport.written) == b"\x81\x02hi"  # one unmasked text frame
+
+    protocol.pause_writing()  # the client stopped reading: its buffer is full
+    assert not write("later")
+    protocol.resume_writing()
+    assert write("later")
+
+    protocol.data_received(CLIENT_CLOSE)  # the client closes: nothing more is written
+    transport.written.clear()
+    assert not write("after the close")
+    assert transport.written == b""
+
+    finish.set()
+    for task in list(protocol.tasks):
+        await task
+    # Once the app is done the scope no longer holds the protocol.
+    assert WRITE_TEXT_EXTENSION not in scopes[0]["extensions"]
