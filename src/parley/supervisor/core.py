@@ -222,10 +222,14 @@ class Supervisor:
     async def stop(self, user_id: str, run_id: str, reason: str = "user_requested") -> None:
         """Stop a running run of this user, on this instance or (through the bus) another."""
         run = self._runs.get(run_id)
+        not_found = NotFound(f"run {run_id} not found or already finished")
         if run is not None and run.user_id == user_id:
+            if run.ending:
+                # Its terminal event is decided, maybe already sent: the run is finished for
+                # whoever asks, even though its owner has not unregistered it yet.
+                raise not_found
             run.request_stop(reason)
             return
-        not_found = NotFound(f"run {run_id} not found or already finished")
         if not self._bus.spans_instances:
             raise not_found  # no other instance can be running it
         async with self._db.read() as session:

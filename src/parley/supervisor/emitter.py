@@ -53,6 +53,10 @@ class RunEmitter:
         self._failure: BaseException | None = None
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def text(self, chunk: str) -> None:
         """Add streamed answer text (never blocks)."""
         if self._closed:

@@ -60,6 +60,12 @@ class Run:
     body: asyncio.Task[AgentOutcome] | None = None
     owner: asyncio.Task[None] | None = None
 
+    @property
+    def ending(self) -> bool:
+        """Its outcome is decided (the body ended, or the emitter was closed before the terminal
+        event is written): a stop can no longer change it."""
+        return self.emitter.closed or (self.body is not None and self.body.done())
+
     def request_stop(self, reason: str) -> None:
         """Ask the run to end as cancelled (the first reason wins); safe at any moment."""
         if self.cancel_reason is None:
