@@ -512,6 +512,24 @@ async def test_concurrent_submits_of_one_user_never_exceed_max_runs_per_user(
     assert {a["code"] for a in refused} == {"rate_limited"}
 
 
+async def test_a_run_that_ended_frees_its_place_before_the_client_sees_the_end(
+    spawn: SpawnServer,
+) -> None:
+    """With one run allowed per user and in all, a client that sends its next message the
+    moment it reads a run's terminal event is admitted every time: the run's place is freed
+    when its end is stored, before that end is sent to anyone."""
+    server = spawn(MAX_RUNS_PER_USER="1", MAX_CONCURRENT_RUNS="1", RATE_LIMIT_PER_MINUTE="1000")
+    async with server.connect(unique_user()) as client:
+        thread_id = None
+        for number in range(40):
+            fields = {"thread_id": thread_id} if thread_id else {}
+            answer = await client.ask(f"next {number}", **fields)
+            assert answer["type"] == "message_accepted", answer
+            thread_id = answer["thread_id"]
+            events = await client.run_events(answer["run_id"])
+            assert events[-1]["type"] == "agent_completed"
+
+
 async def test_concurrent_submits_of_many_users_never_exceed_max_concurrent_runs(
     spawn: SpawnServer, fake_llm: FakeLLM
 ) -> None:

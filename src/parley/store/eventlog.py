@@ -97,6 +97,10 @@ class Finish:
     error_code: str | None = None
     usage: Usage | None = None
     answer: str | None = None  # stored as the assistant message, id `event.message_id`
+    # Called by the writer right after the commit and before the terminal event is published,
+    # as `Intake.on_stored`: whatever a client may do on seeing the run end (start the next
+    # run, within its per-user limit) finds the run's place already free.
+    on_stored: Callable[[], None] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -236,6 +240,8 @@ class EventLog:
         for work, result in zip(batch, results, strict=True):
             if isinstance(work.item, Intake) and isinstance(result, Accepted):
                 _notify_stored(work.item, result)
+            elif isinstance(work.item, Finish) and work.item.on_stored is not None:
+                _notify_ended(work.item)
         self._bus.publish(stored)
         for work, result in zip(batch, results, strict=True):
             if work.done.done():
@@ -318,6 +324,14 @@ def _notify_stored(intake: Intake, accepted: Accepted) -> None:
         intake.on_stored(accepted)
     except Exception:
         log.exception("eventlog.on_stored_failed", run_id=accepted.run_id)
+
+
+def _notify_ended(finish: Finish) -> None:
+    assert finish.on_stored is not None
+    try:
+        finish.on_stored()
+    except Exception:
+        log.exception("eventlog.on_stored_failed", run_id=finish.event.run_id)
 
 
 # ---------------------------------------------------------------------------- one transaction

@@ -113,11 +113,15 @@ async def own_run(
         terminal = error_event(run.run_id, exc)
     run.emitter.close()
     status = _STATUS[terminal.type]
-    try:
-        await _write_terminal(run, terminal, status, outcome, answer, event_log)
-    finally:
-        run.slot.release()
+
+    def ended() -> None:
+        run.slot.release()  # both idempotent: done once the end is stored, again below
         on_end(run)
+
+    try:
+        await _write_terminal(run, terminal, status, outcome, answer, event_log, ended)
+    finally:
+        ended()
         metrics.runs.labels(outcome=status).inc()
         metrics.run_seconds.observe(time.monotonic() - run.started)
         log.info(
@@ -178,6 +182,7 @@ async def _write_terminal(
     outcome: AgentOutcome | None,
     answer: str | None,
     event_log: EventLog,
+    on_stored: Callable[[], None],
 ) -> None:
     finish = Finish(
         user_id=run.user_id,
@@ -186,6 +191,7 @@ async def _write_terminal(
         error_code=terminal.code if isinstance(terminal, AgentError) else None,
         usage=outcome.usage if outcome is not None else None,
         answer=answer,
+        on_stored=on_stored,
     )
     for attempt in range(TERMINAL_WRITE_ATTEMPTS):
         try:
