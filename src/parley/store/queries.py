@@ -131,7 +131,7 @@ def new_ids(count: int) -> list[str]:
     random bits, from one read of the system's randomness.
 
     Why time-ordered rather than wholly random (version 4): every id is a key of an index
-    (events' primary key, their run index, ...), and a random key lands on a random page of
+    (events' primary key, threads', messages', ...), and a random key lands on a random page of
     it. Once the store holds more than fits in the cache, each streamed delta then touches a
     few cold pages: with 300,000 events stored, storing one cost ~134 µs with random ids and
     ~35 µs with time-ordered ones (`bench/bench_store.py`). New ids now go to the end of each
