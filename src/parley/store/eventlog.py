@@ -28,6 +28,7 @@ connection is retried too: that rare case can store a batch twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -238,10 +239,11 @@ class EventLog:
         self._metrics.eventlog_batch_size.observe(len(batch))
         self._metrics.eventlog_commit_seconds.observe(time.perf_counter() - started)
         for work, result in zip(batch, results, strict=True):
-            if isinstance(work.item, Intake) and isinstance(result, Accepted):
-                _notify_stored(work.item, result)
-            elif isinstance(work.item, Finish) and work.item.on_stored is not None:
-                _notify_ended(work.item)
+            item = work.item
+            if isinstance(item, Intake) and item.on_stored and isinstance(result, Accepted):
+                _notify(functools.partial(item.on_stored, result), result.run_id)
+            elif isinstance(item, Finish) and item.on_stored is not None:
+                _notify(item.on_stored, item.event.run_id)
         self._bus.publish(stored)
         for work, result in zip(batch, results, strict=True):
             if work.done.done():
@@ -317,21 +319,13 @@ def _fail(works: list[_Work], error: Exception) -> None:
             work.done.set_exception(error)
 
 
-def _notify_stored(intake: Intake, accepted: Accepted) -> None:
-    if intake.on_stored is None:
-        return
+def _notify(on_stored: Callable[[], None], run_id: str) -> None:
+    """An `on_stored` callback (of an Intake or a Finish): its failure is logged, and the rest
+    of the batch is still published and answered."""
     try:
-        intake.on_stored(accepted)
+        on_stored()
     except Exception:
-        log.exception("eventlog.on_stored_failed", run_id=accepted.run_id)
-
-
-def _notify_ended(finish: Finish) -> None:
-    assert finish.on_stored is not None
-    try:
-        finish.on_stored()
-    except Exception:
-        log.exception("eventlog.on_stored_failed", run_id=finish.event.run_id)
+        log.exception("eventlog.on_stored_failed", run_id=run_id)
 
 
 # ---------------------------------------------------------------------------- one transaction
