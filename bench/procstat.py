@@ -17,8 +17,8 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str]:
-    text = Path(f"/proc/{pid}/stat").read_text()
+def _stat_fields(pid: int, stat: str = "stat") -> list[str]:
+    text = Path(f"/proc/{pid}/{stat}").read_text()
     # The command name (field 2) may hold spaces: split after its closing parenthesis.
     return text[text.rindex(")") + 2 :].split()
 
@@ -54,8 +54,7 @@ def cpu_seconds(pid: int) -> float:
 def thread_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of the main thread of `pid` alone (a Python server's event
     loop; its other threads are database and executor threads)."""
-    text = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
+    fields = _stat_fields(pid, f"task/{pid}/stat")
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
