@@ -86,6 +86,12 @@ async def test_a_failing_immediate_write_falls_back_to_the_queue_for_good() -> N
     outbox.put("a")
     outbox.put("b")
     assert [await outbox.get(), await outbox.get()] == ["a", "b"]
+    # Nothing queued and the sender back for more: a working write_now would be called now.
+    get = asyncio.ensure_future(outbox.get())
+    await asyncio.sleep(0)
+    outbox.put("c")
+    assert await get == "c"
+    assert written == ["a"]
 
 
 async def test_a_frame_put_back_goes_first() -> None:
