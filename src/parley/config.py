@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     # At most this many events wait in memory for the database during an outage; past it, runs
     # end with `storage_unavailable` rather than the process running out of memory.
     database_outage_backlog: int = Field(default=50_000, ge=1)
+    # Group commit under load: while events arrive at DATABASE_COMMIT_BUSY_RATE a second or
+    # more, the event log starts a transaction at most every DATABASE_COMMIT_SPACING_MS, so
+    # that each holds more of them (store/group_commit.py). 0 ms never waits; a rate of 0 always
+    # does.
+    database_commit_spacing_ms: float = Field(default=10.0, ge=0, le=1000)
+    database_commit_busy_rate: float = Field(default=2500.0, ge=0)
     # How long connections may be cut off from other instances' events (Redis unreachable)
     # before they are closed with 1013 so that clients reconnect and resume.
     event_bus_outage_grace_s: float = Field(default=10.0, ge=0)

@@ -40,6 +40,7 @@ from parley.local_model import (
 from parley.observability import Metrics, get_logger
 from parley.store.db import Database
 from parley.store.eventlog import EventLog
+from parley.store.group_commit import CommitPacer
 from parley.supervisor import Limits, Supervisor
 from parley.tools import ToolFunction, ToolRegistry
 from parley.tools.builtin import BUILTIN_TOOLS
@@ -200,6 +201,10 @@ async def _event_bus_phase(ctx: _Context) -> EventBus:
         ctx.metrics,
         outage_grace_s=settings.database_outage_grace_s,
         backlog_limit=settings.database_outage_backlog,
+        pacer=CommitPacer(
+            spacing_s=settings.database_commit_spacing_ms / 1000,
+            busy_rate=settings.database_commit_busy_rate,
+        ),
     )
     writer = asyncio.create_task(event_log.run(), name="event-log-writer")
     ctx.tasks.append(writer)

@@ -43,6 +43,7 @@ from parley.observability import Metrics, get_logger
 from parley.protocol import AgentStarted, RunEvent, TerminalEvent, Usage
 from parley.store import queries
 from parley.store.db import Database
+from parley.store.group_commit import CommitPacer
 from parley.store.models import utcnow
 from parley.store.outage import Outage, is_transient
 
@@ -127,6 +128,7 @@ class EventLog:
         *,
         outage_grace_s: float = 10.0,
         backlog_limit: int = 50_000,
+        pacer: CommitPacer | None = None,
     ) -> None:
         self._db = db
         self._bus = bus
@@ -138,6 +140,7 @@ class EventLog:
         self._retrying: list[_Work] = []  # the batch waiting for the database, if any
         self._writing: asyncio.Future[None] | None = None  # the batch being written
         self._flushing = False
+        self._pacer = pacer or CommitPacer()
 
     def submit(self, user_id: str, event: E) -> asyncio.Future[E]:
         """Queue `event` (thread_id and run_id set); the future gets it back stored, with seq
@@ -198,16 +201,23 @@ class EventLog:
 
     async def run(self) -> None:
         """The writer loop; runs until cancelled."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 batch = [await self._queue.get()]
-                while len(batch) < MAX_BATCH and not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                self._metrics.eventlog_queue_depth.set(self._queue.qsize())
-                # A batch, once taken, is written to its end even if the writer is cancelled
-                # (at shutdown): its transaction may be committing in a database thread, and
-                # its events must still be published and its submitters answered.
-                self._writing = asyncio.ensure_future(self._write_batch(batch))
+                try:
+                    if wait := self._pacer.wait_before_batch(loop.time()):
+                        await asyncio.sleep(wait)  # under load: gather more into one commit
+                finally:
+                    # A batch, once taken, is written to its end even if the writer is
+                    # cancelled (at shutdown, here or below): its transaction may be committing
+                    # in a database thread, and its events must still be published and its
+                    # submitters answered.
+                    while len(batch) < MAX_BATCH and not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                    self._pacer.batch_taken(loop.time(), len(batch))
+                    self._metrics.eventlog_queue_depth.set(self._queue.qsize())
+                    self._writing = asyncio.ensure_future(self._write_batch(batch))
                 await asyncio.shield(self._writing)
         finally:
             self._closed = True
