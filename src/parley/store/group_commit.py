@@ -5,7 +5,7 @@ A batch costs a fixed share (the hop to the database thread, BEGIN and COMMIT, t
 written once per commit however many rows changed them) plus a share per event. Taking a batch
 as soon as the previous one committed keeps latency lowest, but under load it commits every few
 milliseconds with a handful of events each, and the fixed share dominates: a stored delta costs
-~28 µs of the database thread in batches of 20 and ~20 µs in batches of 40 (bench/README.md).
+~25 µs of the database thread in batches of 20 and ~18 µs in batches of 40 (bench/README.md).
 So, like PostgreSQL's `commit_delay` (which only waits when enough other transactions are
 open), the writer waits only while events arrive at `busy_rate` per second or more, and then
 no longer than until `spacing_s` after the previous batch began. An idle or lightly loaded
