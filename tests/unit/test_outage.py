@@ -1,11 +1,27 @@
-"""Which database errors the event log rides out, and an outage's grace and backoff."""
+"""Which database errors the event log rides out, an outage's grace and backoff, and the end of
+an outage by an answer from the database."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TypeVar
+
 import pytest
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection
 
+from parley.bus import InProcessBus
+from parley.errors import Unavailable
+from parley.observability import Metrics
+from parley.protocol import AgentThinking
+from parley.store.db import Database
+from parley.store.eventlog import EventLog
 from parley.store.outage import MAX_DELAY_S, Outage, is_transient
+from tests.unit.conftest import Store
+
+T = TypeVar("T")
 
 
 class DriverError(Exception):
@@ -72,3 +88,41 @@ def test_the_grace_counts_from_the_first_failure_and_the_backoff_is_capped() -> 
     assert outage.end() == pytest.approx(10.5)
     assert not outage.active
     assert not outage.past_grace()
+
+
+class FailingFirst:
+    """A real SQLite database whose first writes fail with the given errors, in order."""
+
+    def __init__(self, db: Database, errors: list[Exception]) -> None:
+        self._db = db
+        self._errors = errors
+        self.is_sqlite = db.is_sqlite
+
+    async def run_write(self, work: Callable[[Connection], T]) -> T:
+        if self._errors:
+            raise self._errors.pop(0)
+        return await self._db.run_write(work)
+
+
+async def test_a_refusal_after_an_outage_ends_it_and_later_events_are_stored(
+    store: Store,
+) -> None:
+    thread_id = store.thread_id
+    locked = sa_exc.OperationalError("COMMIT", None, DriverError(None))  # transient
+    refused = sa_exc.IntegrityError("INSERT", None, DriverError("23505"))  # not transient
+    failing = FailingFirst(store.db, [locked, refused])
+    log = EventLog(failing, InProcessBus(), Metrics(), outage_grace_s=0.2)  # type: ignore[arg-type]
+    writer = asyncio.create_task(log.run())
+    try:
+        first = log.post("ada", AgentThinking(text="one", thread_id=thread_id, run_id="r1"))
+        # Tried, held through the first (transient) failure, then refused by the database.
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(first, 10)
+        await asyncio.sleep(0.3)  # past the grace: were the outage still on, events would be
+        # refused at once without reaching the database
+        second = log.post("ada", AgentThinking(text="two", thread_id=thread_id, run_id="r1"))
+        await asyncio.wait_for(second, 10)
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer

@@ -270,6 +270,10 @@ class EventLog:
         if not is_transient(exc):
             log.exception("eventlog.write_failed", batch=len(batch))
             _fail(batch, Unavailable(f"could not persist event: {exc}"))
+            if self._outage.active:
+                # The database answered, if with a refusal: it is reachable again, and nothing
+                # waits for it any more (else new events would be refused as in an outage).
+                self._database_back()
             return []
         if not self._outage.active:
             self._outage.begin()
