@@ -332,6 +332,13 @@ class ToolCompleted(RunEvent):
     error: str | None = None
     duration_ms: int
 
+    def to_json(self) -> str:
+        # An ok completion carries `result` even when the tool returned nothing (JSON null); an
+        # error carries `error` and no `result` (docs/protocol.md). Every other field is set.
+        if self.status == "ok":
+            return self.model_dump_json(exclude={"error"})
+        return self.model_dump_json(exclude={"result"})
+
 
 class AgentMessageDelta(RunEvent):
     type: Literal["agent_message_delta"] = "agent_message_delta"

@@ -738,6 +738,34 @@ async def test_custom_tool_that_hangs_or_raises_is_a_tool_error(
     assert events[-1]["type"] == "agent_completed"
 
 
+async def test_a_tool_that_returns_nothing_completes_ok_with_a_null_result(
+    spawn: SpawnServer, fake_llm: FakeLLM, tmp_path: Any
+) -> None:
+    module = tmp_path / "plugins" / "quiet_tools.py"
+    module.parent.mkdir()
+    module.write_text(
+        "from pydantic_ai import RunContext\n"
+        "async def forget(ctx: RunContext) -> None:\n"
+        "    '''Forgets the conversation; returns nothing.'''\n"
+        "TOOLS = [forget]\n"
+    )
+    server = spawn(EXTRA_TOOLS="quiet_tools:TOOLS", PYTHONPATH=str(module.parent))
+    t = fake_llm.script(trigger(), ToolCall([("forget", {})]), Text("done"))
+    user = unique_user()
+    async with server.connect(user) as client:
+        accepted = await client.ask(f"forget it {t}")
+        events = await client.run_events(accepted["run_id"])
+    async with server.connect(user) as later:
+        replayed = await later.replay(accepted["thread_id"])
+    completed = next(e for e in events if e["type"] == "tool_completed")
+    assert completed["status"] == "ok"
+    assert "result" in completed
+    assert completed["result"] is None
+    assert "error" not in completed
+    assert completed in replayed  # stored as sent
+    assert events[-1]["type"] == "agent_completed"
+
+
 async def test_tool_call_arguments_streamed_one_character_a_chunk_arrive_whole(
     server: ServerProcess, fake_llm: FakeLLM
 ) -> None:
