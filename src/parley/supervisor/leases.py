@@ -31,10 +31,12 @@ The rules that keep this safe:
   fail: the database may be away for everyone, and then nobody can take them.
 - A clean shutdown declares its own instance dead after the drain: peers forget it at once.
 
-Known gap: the event log does not yet refuse the progress events of a run that a peer has
-ended, so an instance paused past its lease can store a few deltas after the peer's terminal
-event in the moment between waking up and its next renewal. The fix belongs in the event log:
-lock the batch's threads, then drop events of runs no longer `running`.
+An instance paused past its lease may still hold progress events of runs a peer has ended
+meanwhile, in the moment between waking up and its next renewal: the event log drops them (on
+PostgreSQL it locks the batch's threads, then keeps only events of runs still `running`; see
+`_fence` in store/batch.py), so no event follows a run's terminal event. A message accepted in
+that moment is stored under the old id, and its run is ended `interrupted` like the others
+(by the instance at its next renewal or by a peer's sweep, whichever writes first).
 
 SQLite has no lease: it is served by one process, which ends every run left `running` at startup.
 """
