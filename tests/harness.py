@@ -252,6 +252,11 @@ class ServerProcess:
     def token(self, user: str) -> str:
         return make_token(user)
 
+    async def metric(self, name: str, absent: float | None = None) -> float:
+        """One sample of the server's /metrics now (see `metric`)."""
+        async with httpx.AsyncClient(base_url=self.http, timeout=10) as http:
+            return metric((await http.get("/metrics")).text, name, absent)
+
     @contextlib.asynccontextmanager
     async def connect(self, user: str, **kwargs: Any) -> AsyncIterator[Client]:
         headers = {"Authorization": f"Bearer {make_token(user)}"}
@@ -466,3 +471,18 @@ class CuttingProxy:
                 await writer.drain()
         writer.transport.abort()
         self._writers.discard(writer)
+
+
+def trigger() -> str:
+    """A unique word that makes the scripted model answer as a test scripted it."""
+    return f"T{uuid.uuid4().hex[:12]}"
+
+
+def metric(text: str, name: str, absent: float | None = None) -> float:
+    """The value of one sample line `name value` in Prometheus text; `absent` when there is
+    no such line (a labelled counter appears at its first count), else that is an error."""
+    line = next((line for line in text.splitlines() if line.startswith(name + " ")), None)
+    if line is None:
+        assert absent is not None, f"no sample {name}"
+        return absent
+    return float(line.split()[-1])

@@ -11,9 +11,8 @@ from typing import Any
 import httpx
 
 from tests.conftest import SpawnServer
-from tests.e2e.test_resume_and_api import metric
 from tests.fakes.llm_server import FakeLLM, Text
-from tests.harness import ServerProcess, make_token, unique_user
+from tests.harness import ServerProcess, make_token, metric, unique_user
 
 CONVERSATIONS = 8
 

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests import harness
 from tests.conftest import SpawnServer
-from tests.harness import Client, ServerProcess, make_token, unique_user
+from tests.harness import Client, ServerProcess, make_token, metric, unique_user
 
 MAX_SEQ = 2**31 - 1  # docs/protocol.md: the largest seq any backend's INTEGER column holds
 
@@ -347,12 +347,6 @@ def open_files_limit(monkeypatch: pytest.MonkeyPatch) -> Any:
         )
 
     return limit
-
-
-def metric(text: str, name: str) -> float:
-    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert found is not None, name
-    return float(found.group(1))
 
 
 async def test_startup_raises_the_soft_open_files_limit_to_the_hard_one(

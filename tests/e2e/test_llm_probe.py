@@ -81,13 +81,6 @@ async def wait_for_readiness(server: ServerProcess, status: int, within: float) 
         await asyncio.sleep(0.2)
 
 
-async def metric(server: ServerProcess, name: str) -> float:
-    async with httpx.AsyncClient(base_url=server.http) as http:
-        text = (await http.get("/metrics")).text
-    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
 def test_unreachable_provider_is_retried_then_fails_startup_in_llm_naming_the_endpoint(
     tmp_path: Path,
 ) -> None:
@@ -182,7 +175,9 @@ async def test_provider_that_stops_turns_readiness_503_and_back_to_200_when_it_r
     assert llm["probe"] == "failed"
     assert f"{provider.base_url} is unreachable" in llm["reason"]
     assert llm["last_success"] is not None
-    assert await metric(server, 'parley_llm_probe_failures_total{kind="unreachable"}') >= 1
+    assert (
+        await server.metric('parley_llm_probe_failures_total{kind="unreachable"}', absent=0.0) >= 1
+    )
     await asyncio.sleep(2.5)  # more failed probes: the state change is still logged once
     provider.start()
     body = await wait_for_readiness(server, 200, within=10)
@@ -190,7 +185,7 @@ async def test_provider_that_stops_turns_readiness_503_and_back_to_200_when_it_r
     log = server.read_log()
     assert log.count("llm.probe_failed") == 1
     assert log.count("llm.probe_recovered") == 1
-    assert await metric(server, "parley_llm_probe_seconds_count") >= 3
+    assert await server.metric("parley_llm_probe_seconds_count", absent=0.0) >= 3
 
 
 async def test_readiness_never_waits_on_a_stalled_provider_nor_probes_more_often_than_its_interval(
@@ -210,7 +205,7 @@ async def test_readiness_never_waits_on_a_stalled_provider_nor_probes_more_often
                 before = time.monotonic()
                 await http.get("/health/ready")
                 slowest = max(slowest, time.monotonic() - before)
-        probes = await metric(server, "parley_llm_probe_seconds_count")
+        probes = await server.metric("parley_llm_probe_seconds_count", absent=0.0)
     assert slowest < 1.0
     # 5 s of readiness traffic with a 2 s interval: at most two probes ended (none if stalled).
     assert probes <= 2

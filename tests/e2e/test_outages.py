@@ -254,15 +254,6 @@ async def wait_readiness(server: ServerProcess, status: int) -> tuple[int, dict[
         await asyncio.sleep(0.1)
 
 
-async def metric(server: ServerProcess, name: str) -> float:
-    async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
-        text = (await http.get("/metrics")).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"metric {name} not exported")
-
-
 async def wait_subscribed(redis: PrivateRedis, user: str, instances: int) -> None:
     """Wait (bounded, not asserted) until `instances` servers listen for the user's events."""
     deadline = time.monotonic() + 10
@@ -276,7 +267,7 @@ async def wait_subscribed(redis: PrivateRedis, user: str, instances: int) -> Non
 async def wait_metric(server: ServerProcess, name: str, value: float) -> bool:
     """Whether the metric reaches `value` within ten seconds."""
     deadline = time.monotonic() + 10
-    while await metric(server, name) != value:
+    while await server.metric(name) != value:
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.1)
@@ -456,7 +447,7 @@ async def test_postgres_down_longer_than_the_grace_ends_the_run_with_storage_una
     assert seen[-1]["retryable"] is True
     stored = await stored_as_delivered(server, user, client, accepted)
     assert [e for e in stored if e["type"] in TERMINAL] == [seen[-1]]  # stored, once
-    assert await metric(server, 'parley_eventlog_refused_total{reason="grace"}') > 0
+    assert await server.metric('parley_eventlog_refused_total{reason="grace"}') > 0
 
 
 @pytest.mark.redis
@@ -472,4 +463,4 @@ async def test_events_beyond_the_outage_backlog_end_the_run_with_storage_unavail
     assert seen[-1]["type"] == "agent_error", seen[-1]
     assert seen[-1]["code"] == "storage_unavailable"
     await stored_as_delivered(server, user, client, accepted)
-    assert await metric(server, 'parley_eventlog_refused_total{reason="backlog"}') > 0
+    assert await server.metric('parley_eventlog_refused_total{reason="backlog"}') > 0

@@ -8,11 +8,7 @@ from typing import Any
 import httpx
 
 from tests.fakes.llm_server import FakeLLM, Text
-from tests.harness import TERMINAL, ServerProcess, make_token, unique_user
-
-
-def trigger() -> str:
-    return f"T{uuid.uuid4().hex[:12]}"
+from tests.harness import TERMINAL, ServerProcess, make_token, metric, trigger, unique_user
 
 
 async def test_resume_after_a_disconnect_mid_run_delivers_each_missed_event_once_in_order(
@@ -195,16 +191,6 @@ async def test_http_api_hides_other_users_threads_and_requires_a_token(
                 refused = await http.get(path, headers=headers)
                 assert refused.status_code == 401, path
                 assert refused.headers["www-authenticate"] == "Bearer", path
-
-
-def metric(text: str, name: str, absent: float | None = None) -> float:
-    """The value of one sample line `name value` in Prometheus text; `absent` when there is
-    no such line (a labelled counter appears at its first count), else that is an error."""
-    line = next((line for line in text.splitlines() if line.startswith(name + " ")), None)
-    if line is None:
-        assert absent is not None, f"no sample {name}"
-        return absent
-    return float(line.split()[-1])
 
 
 async def test_health_and_metrics(server: ServerProcess) -> None:

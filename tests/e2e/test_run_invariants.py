@@ -39,12 +39,9 @@ from tests.harness import (
     base_env,
     make_token,
     parley_command,
+    trigger,
     unique_user,
 )
-
-
-def trigger() -> str:
-    return f"T{uuid.uuid4().hex[:12]}"
 
 
 def types(events: list[dict[str, Any]]) -> list[str]:

@@ -13,11 +13,7 @@ import pytest
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Flaky, Hang, HttpError, Text, ToolCall
-from tests.harness import TERMINAL, ServerProcess, make_token, refusing_port, unique_user
-
-
-def trigger() -> str:
-    return f"T{uuid.uuid4().hex[:12]}"
+from tests.harness import TERMINAL, ServerProcess, make_token, refusing_port, trigger, unique_user
 
 
 async def poll_readiness(server: ServerProcess, status: int, timeout: float = 5.0) -> Any:

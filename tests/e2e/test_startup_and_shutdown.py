@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.conftest import SpawnServer, llm_env
 from tests.e2e.test_transport import jwks_server
 from tests.fakes.llm_server import FakeLLM, Text
-from tests.harness import base_env, make_token, parley_command, refusing_port, unique_user
+from tests.harness import base_env, make_token, metric, parley_command, refusing_port, unique_user
 
 PHASE_NAMES = ("settings", "database", "event_bus", "llm", "tools", "supervisor", "transport")
 
@@ -520,11 +520,6 @@ async def test_runs_orphaned_by_a_killed_process_are_ended_at_the_next_start(
         )
         == 1
     )
-
-
-def metric(text: str, name: str) -> float:
-    line = next(line for line in text.splitlines() if line.startswith(name + " "))
-    return float(line.split()[-1])
 
 
 async def _connect_during_drain(url: str) -> tuple[list[dict[str, object]], int | None]:

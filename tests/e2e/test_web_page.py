@@ -18,7 +18,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Text, ToolCall
-from tests.harness import JWT_SECRET, CuttingProxy, make_token
+from tests.harness import JWT_SECRET, CuttingProxy, make_token, trigger
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
@@ -49,10 +49,6 @@ async def browser() -> AsyncIterator[Browser]:
 
 def token_until(user: str, exp: int) -> str:
     return jwt.encode({"sub": user, "exp": exp}, JWT_SECRET, "HS256")
-
-
-def trigger() -> str:
-    return f"T{uuid.uuid4().hex[:10]}"
 
 
 async def send(page: Page, text: str) -> None:
