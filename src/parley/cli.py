@@ -22,7 +22,7 @@ from parley.config import Settings
 from parley.health import ServingState
 from parley.observability import configure_logging
 from parley.startup import PHASES, PhaseResult, StartupError, start
-from parley.ws_protocol import WebSocketProtocol
+from parley.ws_protocol import HttpProtocol, WebSocketProtocol
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Parley: real-time AI agent chat."
@@ -117,8 +117,10 @@ async def _serve(settings: Settings) -> int:
         # No permessage-deflate: frames are small JSON, and compressing each streamed delta for
         # every connection costs CPU on the hot path for a few bytes saved (bench/README.md).
         ws_per_message_deflate=False,
-        # uvicorn's sans-I/O WebSocket protocol, able to write a frame without a task wake-up.
+        # uvicorn's sans-I/O WebSocket protocol, able to write a frame without a task wake-up,
+        # and its httptools HTTP protocol, freed by reference counting once it upgraded.
         ws=WebSocketProtocol,
+        http=HttpProtocol,
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=5,

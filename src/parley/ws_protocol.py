@@ -1,5 +1,7 @@
-"""uvicorn's WebSocket protocol (websockets' sans-I/O implementation) with one addition: a text
-frame can be written at once, from a plain function call.
+"""uvicorn's protocols as Parley serves them: its WebSocket protocol (websockets' sans-I/O
+implementation) with one addition, a text frame written at once from a plain function call;
+and its HTTP protocol, letting go of its parser when it hands a connection to the WebSocket
+protocol.
 
 Through ASGI a frame goes from the connection's sender task through Starlette's `WebSocket`,
 its exception middleware's send wrapper and uvicorn's `send` coroutine: a task wake-up and five
@@ -17,6 +19,7 @@ them fails there.
 
 from __future__ import annotations
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
 
@@ -52,3 +55,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         self.transport.write(b"".join(self.conn.data_to_send()))
         return True
+
+
+class HttpProtocol(HttpToolsProtocol):
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        # httptools' parser holds this protocol's callbacks, and this protocol its parser.
+        # uvicorn breaks that cycle when a connection is lost, but an upgraded connection is
+        # lost to the WebSocket protocol, not to this one: each WebSocket connection left ~30
+        # objects (this protocol, its parser, transport, flow control) to the cycle collector.
+        # The connection is the WebSocket protocol's now; nothing here reads the parser again.
+        self.parser = None  # type: ignore[assignment]

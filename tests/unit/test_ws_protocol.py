@@ -1,17 +1,20 @@
 """ws_protocol.py against uvicorn's real protocol machinery: `write_text` writes a frame only
 when uvicorn's own `send` would write it at once, and refuses (so the frame goes through ASGI,
-which waits or fails) in every other state."""
+which waits or fails) in every other state; and the HTTP protocol that upgraded a connection
+is freed without the cycle collector."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from parley.delivery import WRITE_TEXT_EXTENSION
-from parley.ws_protocol import WebSocketProtocol
+from parley.ws_protocol import HttpProtocol, WebSocketProtocol
 
 HANDSHAKE = (
     b"GET /ws HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -44,6 +47,12 @@ class Transport(asyncio.Transport):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
 
 
 async def test_frames_are_written_only_when_uvicorn_would_write_them_at_once() -> None:
@@ -89,3 +98,37 @@ async def test_frames_are_written_only_when_uvicorn_would_write_them_at_once() -
         await task
     # Once the app is done the scope no longer holds the protocol.
     assert WRITE_TEXT_EXTENSION not in scopes[0]["extensions"]
+
+
+async def test_the_http_protocol_that_upgraded_a_connection_is_freed_without_the_collector() -> (
+    None
+):
+    accepted = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        await receive()  # websocket.disconnect
+
+    config = Config(
+        app=app, http=HttpProtocol, ws=WebSocketProtocol, ws_ping_interval=None, log_config=None
+    )
+    config.load()
+    transport = Transport()
+    http = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+    http.connection_made(transport)
+    gc.disable()
+    try:
+        http.data_received(HANDSHAKE)
+        websocket = transport.get_protocol()
+        assert isinstance(websocket, WebSocketProtocol)
+        upgraded = weakref.ref(http)
+        del http
+        assert upgraded() is None  # freed at once: no cycle through its parser
+        await asyncio.wait_for(accepted.wait(), 5)
+        websocket.data_received(CLIENT_CLOSE)
+        for task in list(websocket.tasks):
+            await task
+    finally:
+        gc.enable()
