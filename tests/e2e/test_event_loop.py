@@ -15,7 +15,7 @@ from blockbuster import blockbuster_ctx
 from parley.app import create_app
 from parley.config import Settings
 from parley.startup import start
-from parley.ws_protocol import WebSocketProtocol
+from parley.ws_protocol import HttpProtocol, WebSocketProtocol
 from tests.fakes.llm_server import FakeLLM, Text, ToolCall
 from tests.harness import JWT_SECRET, TERMINAL, make_token
 
@@ -34,13 +34,14 @@ async def test_runs_with_tools_never_block_the_event_loop(
     )
     components, _ = await start(settings)
     # Port 0: the kernel picks a free one as the server binds it (no race with other tests).
-    # The WebSocket protocol `parley serve` uses: its frames are written on the hot path.
+    # The protocols `parley serve` uses: frames are written on the hot path.
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(components),
             host="127.0.0.1",
             port=0,
             log_config=None,
+            http=HttpProtocol,
             ws=WebSocketProtocol,
         )
     )

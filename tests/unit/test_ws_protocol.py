@@ -10,6 +10,7 @@ import gc
 import weakref
 from typing import Any
 
+import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -100,12 +101,17 @@ async def test_frames_are_written_only_when_uvicorn_would_write_them_at_once() -
     assert WRITE_TEXT_EXTENSION not in scopes[0]["extensions"]
 
 
-async def test_the_http_protocol_that_upgraded_a_connection_is_freed_without_the_collector() -> (
-    None
-):
+@pytest.mark.parametrize("served_before", [False, True], ids=["fresh", "kept_alive"])
+async def test_the_http_protocol_that_upgraded_a_connection_is_freed_without_the_collector(
+    served_before: bool,
+) -> None:
     accepted = asyncio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
         accepted.set()
@@ -116,10 +122,16 @@ async def test_the_http_protocol_that_upgraded_a_connection_is_freed_without_the
     )
     config.load()
     transport = Transport()
-    http = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+    state = ServerState()
+    http = HttpProtocol(config=config, server_state=state, app_state={})
     http.connection_made(transport)
     gc.disable()
     try:
+        if served_before:  # a plain request first, on the same connection
+            http.data_received(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+            while state.tasks:
+                await asyncio.gather(*state.tasks)
+            assert transport.written.startswith(b"HTTP/1.1 200")
         http.data_received(HANDSHAKE)
         websocket = transport.get_protocol()
         assert isinstance(websocket, WebSocketProtocol)

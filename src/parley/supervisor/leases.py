@@ -35,8 +35,9 @@ An instance paused past its lease may still hold progress events of runs a peer 
 meanwhile, in the moment between waking up and its next renewal: the event log drops them (on
 PostgreSQL it locks the batch's threads, then keeps only events of runs still `running`; see
 `_fence` in store/batch.py), so no event follows a run's terminal event. A message accepted in
-that moment is stored under the old id, and its run is ended `interrupted` like the others
-(by the instance at its next renewal or by a peer's sweep, whichever writes first).
+that moment is stored under the old id: its run is ended `interrupted` like the others (by
+the instance at its next renewal or by a peer's sweep, whichever writes first), or, accepted
+while the instance registers anew, finishes normally unless a peer's sweep ends it first.
 
 SQLite has no lease: it is served by one process, which ends every run left `running` at startup.
 """
