@@ -486,3 +486,12 @@ def metric(text: str, name: str, absent: float | None = None) -> float:
         assert absent is not None, f"no sample {name}"
         return absent
     return float(line.split()[-1])
+
+
+def tool_plugin(directory: Path, module: str, source: str) -> dict[str, str]:
+    """Write `source` (which defines `TOOLS`) as `module` under `directory`; returns the server
+    environment that loads those tools (`EXTRA_TOOLS`, `PYTHONPATH`)."""
+    plugins = directory / "plugins"
+    plugins.mkdir()
+    (plugins / f"{module}.py").write_text(source)
+    return {"EXTRA_TOOLS": f"{module}:TOOLS", "PYTHONPATH": str(plugins)}

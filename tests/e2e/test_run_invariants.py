@@ -39,6 +39,7 @@ from tests.harness import (
     base_env,
     make_token,
     parley_command,
+    tool_plugin,
     trigger,
     unique_user,
 )
@@ -415,12 +416,8 @@ async def test_a_run_whose_body_ignores_cancellation_still_ends_at_its_deadline(
     spawn: SpawnServer, fake_llm: FakeLLM, tmp_path: Path
 ) -> None:
     run_timeout_s = 3.0
-    module = tmp_path / "plugins" / "stubborn_tools.py"
-    module.parent.mkdir()
-    module.write_text(STUBBORN_TOOLS.format(seconds=20))
     server = spawn(
-        EXTRA_TOOLS="stubborn_tools:TOOLS",
-        PYTHONPATH=str(module.parent),
+        **tool_plugin(tmp_path, "stubborn_tools", STUBBORN_TOOLS.format(seconds=20)),
         RUN_TIMEOUT_S=str(run_timeout_s),
         TOOL_TIMEOUT_S="60",
     )

@@ -13,7 +13,15 @@ import pytest
 
 from tests.conftest import SpawnServer
 from tests.fakes.llm_server import FakeLLM, Flaky, Hang, HttpError, Text, ToolCall
-from tests.harness import TERMINAL, ServerProcess, make_token, refusing_port, trigger, unique_user
+from tests.harness import (
+    TERMINAL,
+    ServerProcess,
+    make_token,
+    refusing_port,
+    tool_plugin,
+    trigger,
+    unique_user,
+)
 
 
 async def poll_readiness(server: ServerProcess, status: int, timeout: float = 5.0) -> Any:
@@ -702,9 +710,9 @@ async def test_every_connection_of_the_user_sees_the_run_live(
 async def test_custom_tool_that_hangs_or_raises_is_a_tool_error(
     spawn: SpawnServer, fake_llm: FakeLLM, tmp_path: Any, tool_kind: str
 ) -> None:
-    module = tmp_path / "plugins" / "custom_tools.py"
-    module.parent.mkdir()
-    module.write_text(
+    tools = tool_plugin(
+        tmp_path,
+        "custom_tools",
         "import asyncio\n"
         "from pydantic_ai import RunContext\n"
         "async def slow(ctx: RunContext) -> str:\n"
@@ -714,13 +722,9 @@ async def test_custom_tool_that_hangs_or_raises_is_a_tool_error(
         "async def raises(ctx: RunContext) -> str:\n"
         "    '''Always fails.'''\n"
         "    raise RuntimeError('boom with secret details')\n"
-        "TOOLS = [slow, raises]\n"
+        "TOOLS = [slow, raises]\n",
     )
-    server = spawn(
-        EXTRA_TOOLS="custom_tools:TOOLS",
-        PYTHONPATH=str(module.parent),
-        TOOL_TIMEOUT_S="0.5",
-    )
+    server = spawn(**tools, TOOL_TIMEOUT_S="0.5")
     t = fake_llm.script(trigger(), ToolCall([(tool_kind, {})]), Text("recovered"))
     async with server.connect(unique_user()) as client:
         accepted = await client.ask(f"use {tool_kind} {t}")
@@ -737,15 +741,15 @@ async def test_custom_tool_that_hangs_or_raises_is_a_tool_error(
 async def test_a_tool_that_returns_nothing_completes_ok_with_a_null_result(
     spawn: SpawnServer, fake_llm: FakeLLM, tmp_path: Any
 ) -> None:
-    module = tmp_path / "plugins" / "quiet_tools.py"
-    module.parent.mkdir()
-    module.write_text(
+    tools = tool_plugin(
+        tmp_path,
+        "quiet_tools",
         "from pydantic_ai import RunContext\n"
         "async def forget(ctx: RunContext) -> None:\n"
         "    '''Forgets the conversation; returns nothing.'''\n"
-        "TOOLS = [forget]\n"
+        "TOOLS = [forget]\n",
     )
-    server = spawn(EXTRA_TOOLS="quiet_tools:TOOLS", PYTHONPATH=str(module.parent))
+    server = spawn(**tools)
     t = fake_llm.script(trigger(), ToolCall([("forget", {})]), Text("done"))
     user = unique_user()
     async with server.connect(user) as client:
@@ -804,18 +808,16 @@ async def test_only_history_messages_earlier_messages_are_sent_to_the_model(
 async def test_tool_result_over_tool_result_max_bytes_is_a_tool_error_the_model_sees(
     spawn: SpawnServer, fake_llm: FakeLLM, tmp_path: Any
 ) -> None:
-    module = tmp_path / "plugins" / "big_tools.py"
-    module.parent.mkdir()
-    module.write_text(
+    tools = tool_plugin(
+        tmp_path,
+        "big_tools",
         "from pydantic_ai import RunContext\n"
         "async def big(ctx: RunContext, size: int) -> str:\n"
         "    '''Returns `size` characters.'''\n"
         "    return 'x' * size\n"
-        "TOOLS = [big]\n"
+        "TOOLS = [big]\n",
     )
-    server = spawn(
-        EXTRA_TOOLS="big_tools:TOOLS", PYTHONPATH=str(module.parent), TOOL_RESULT_MAX_BYTES="300"
-    )
+    server = spawn(**tools, TOOL_RESULT_MAX_BYTES="300")
     t = fake_llm.script(
         trigger(), ToolCall([("big", {"size": 200}), ("big", {"size": 400})]), Text("ok")
     )
