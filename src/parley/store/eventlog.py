@@ -44,7 +44,7 @@ from parley.store.group_commit import CommitPacer
 from parley.store.outage import Outage, is_transient
 
 # The work items are part of the event log's interface.
-__all__ = ["MAX_BATCH", "Accepted", "EventLog", "Finish", "Intake"]
+__all__ = ["Accepted", "EventLog", "Finish", "Intake"]
 
 log = get_logger(__name__)
 
@@ -147,8 +147,7 @@ class EventLog:
                     # cancelled (at shutdown, here or below): its transaction may be committing
                     # in a database thread, and its events must still be published and its
                     # submitters answered.
-                    while len(batch) < MAX_BATCH and not self._queue.empty():
-                        batch.append(self._queue.get_nowait())
+                    self._take_queued(batch)
                     self._pacer.batch_taken(loop.time(), len(batch))
                     self._metrics.eventlog_queue_depth.set(self._queue.qsize())
                     self._writing = asyncio.ensure_future(self._write_batch(batch))
@@ -162,10 +161,13 @@ class EventLog:
         if self._writing is not None:
             await self._writing  # the batch under way when the writer stopped, to its end
         while not self._queue.empty():
-            batch: list[Work] = []
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._write_batch(batch)
+            await self._write_batch(self._take_queued([]))
+
+    def _take_queued(self, batch: list[Work]) -> list[Work]:
+        """Fill `batch` with what is queued, in order, up to MAX_BATCH; returns it."""
+        while len(batch) < MAX_BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
 
     async def _write_batch(self, batch: list[Work]) -> None:
         started = time.perf_counter()
